@@ -1,0 +1,85 @@
+"""
+Talk to the merged model in its prompt format, streaming tokens as they are generated.
+
+    python chat.py                                   # interactive, multi-turn (make chat)
+    python chat.py --prompt "What is the capital of France?"   # one answer, then exit
+    python chat.py --preset demo --prompt "..."      # the CPU demo's merged model
+
+Generation stops at EOS or when the model starts a new "### Human:" turn on its own.
+"""
+
+import common  # first: offline switches
+
+import sys
+
+import torch
+
+from config import HUMAN, TURN_SEP, ChatConfig, parse_args, resolve
+
+cfg = parse_args(ChatConfig, sys.argv[1:])
+common.require_files(common.model_files(cfg.model_dir) + [resolve(cfg.model_dir) / "COMPLETE.json"], "make train")
+
+from transformers import AutoModelForCausalLM  # noqa: E402
+
+device = common.pick_device()
+torch.manual_seed(cfg.seed)
+tok = common.Tokenizer(cfg.model_dir)
+model = AutoModelForCausalLM.from_pretrained(resolve(cfg.model_dir), dtype=common.pick_dtype(cfg.dtype, device),
+                                             device_map={"": str(device)})
+model.eval()
+STOP_TEXT = TURN_SEP + HUMAN.rstrip("\n")  # "\n\n### Human:": the model trying to speak for the user
+
+
+@torch.no_grad()
+def reply(prompt_ids):
+    """Sample until EOS / a new human turn / max_new_tokens, printing text as it grows."""
+    ids = torch.tensor([[tok.bos_id] + prompt_ids], device=device)
+    out, past, printed = [], None, ""
+    for _ in range(cfg.max_new_tokens):
+        logits = model(input_ids=ids, past_key_values=past, use_cache=True)
+        past, logits = logits.past_key_values, logits.logits[0, -1].float()
+        if cfg.temperature == 0:
+            nxt = int(logits.argmax())
+        else:
+            probs = torch.softmax(logits / cfg.temperature, dim=-1)
+            sorted_p, order = probs.sort(descending=True)
+            keep = sorted_p.cumsum(0) - sorted_p < cfg.top_p  # nucleus: smallest set with mass >= top_p
+            nxt = int(order[keep][torch.multinomial(sorted_p[keep], 1)])
+        if nxt == tok.eos_id:
+            break
+        out.append(nxt)
+        text = tok.decode(out)
+        if STOP_TEXT in text:
+            text = text[:text.index(STOP_TEXT)]
+            print(text[len(printed):], end="", flush=True)
+            printed = text
+            break
+        # hold back a possible partial stop marker, print the rest
+        safe = text
+        for k in range(len(STOP_TEXT), 0, -1):
+            if text.endswith(STOP_TEXT[:k]):
+                safe = text[:-k]
+                break
+        print(safe[len(printed):], end="", flush=True)
+        printed = safe
+        ids = torch.tensor([[nxt]], device=device)
+    print(flush=True)
+    return printed.strip()
+
+
+turns = []
+if cfg.prompt:
+    print(f"### Human:\n{cfg.prompt}\n\n### Assistant:")
+    reply(tok.encode([common.format_prompt([cfg.prompt])])[0])
+    sys.exit(0)
+print(f"chatting with {cfg.model_dir} (Ctrl+D or an empty line to quit)")
+while True:
+    try:
+        user = input("\n### Human:\n").strip()
+    except EOFError:
+        break
+    if not user:
+        break
+    turns.append(user)
+    print("\n### Assistant:")
+    turns.append(reply(tok.encode([common.format_prompt(turns)])[0]))

@@ -1,0 +1,663 @@
+"""
+The pieces sft.py, dpo.py and merge.py share, so each stage script can read as its recipe:
+
+  offline switches and input checks | tokenizer and the prompt format | data readers
+  with a drop report | best-fit packing | 4-bit model + LoRA | optimizer and LR schedule |
+  crash-safe safetensors checkpoints (adapter, optimizer, RNG, data position) | signals | logging
+
+Importing this module switches the Hugging Face libraries to offline mode: the training
+stages must never touch the network (download.py is the only online step).
+"""
+
+import os
+
+# Must happen before transformers / huggingface_hub are imported: they read these at import.
+for _k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
+    os.environ[_k] = "1"
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import bisect
+import gzip
+import hashlib
+import json
+import math
+import random
+import shutil
+import signal
+import sys
+import time
+import zlib
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from config import ASSISTANT, HUMAN, TURN_SEP, resolve, to_dict
+
+IGNORE = -100  # label value that cross_entropy skips: prompt tokens and padding
+
+
+# -----------------------------------------------------------------------------
+# Inputs: fail in the first second, listing every missing file and the fix.
+
+
+def require_files(paths, fix):
+    missing = [str(p) for p in paths if not Path(p).is_file()]
+    if missing:
+        sys.exit("missing input files:\n  " + "\n  ".join(missing) + f"\nfetch or build them with: {fix}")
+
+
+def model_files(model_dir):
+    d = resolve(model_dir)
+    return [d / "config.json", d / "tokenizer.model"]
+
+
+def is_complete(folder):
+    """A stage output or checkpoint counts only once its marker (written last) exists."""
+    return (Path(folder) / "COMPLETE.json").is_file()
+
+
+def pick_device():
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def pick_dtype(name, device):
+    if name != "auto":
+        return getattr(torch, name)
+    if device.type == "cuda":
+        # Ampere+ (3090/4090) has bf16: same range as fp32, no loss scaling needed
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32  # CPU: fp32 is the fast and exact path
+
+
+# -----------------------------------------------------------------------------
+# Tokenizer: sentencepiece directly on tokenizer.model. These are exactly the ids of
+# Llama-2's tokenizer, without the wrapper's special-token parsing: a "</s>" inside a
+# record stays text, it can never inject a real EOS.
+
+
+class Tokenizer:
+    def __init__(self, model_dir):
+        import sentencepiece as spm
+        self.sp = spm.SentencePieceProcessor(model_file=str(resolve(model_dir) / "tokenizer.model"))
+        self.bos_id, self.eos_id = self.sp.bos_id(), self.sp.eos_id()
+        # Llama-2 has no pad token (added_tokens.json's id 32000 is past the embedding).
+        # Padding uses unk (0) and is never in the loss, so pad can never be confused with EOS.
+        self.pad_id = self.sp.unk_id()
+        self.vocab_size = self.sp.get_piece_size()
+
+    def encode(self, texts):
+        return self.sp.encode(list(texts), out_type=int, num_threads=os.cpu_count() or 1)
+
+    def decode(self, ids):
+        return self.sp.decode([i for i in ids if i not in (self.bos_id, self.eos_id)])
+
+
+def format_prompt(turns):
+    """turns = [human, assistant, human, ..., human] -> the prompt the model must answer,
+    ending with the contract's "### Assistant:\\n" (one newline, the reply follows)."""
+    parts = []
+    for i, text in enumerate(turns):
+        parts.append((HUMAN if i % 2 == 0 else ASSISTANT) + text)
+    return TURN_SEP.join(parts) + TURN_SEP + ASSISTANT
+
+
+def build_example(prompt_ids, reply_ids, eos_id, bos_id, max_len):
+    """ids = BOS + prompt + reply + EOS, labels = IGNORE over BOS + prompt, the reply + EOS.
+
+    Prompt and reply are tokenized SEPARATELY and joined as ids: tokenizing the joined
+    string lets sentencepiece merge across the boundary (Llama's stray 29871 "▁"), and
+    then string offsets no longer say where the reply starts. Joining ids makes the mask
+    exact by construction. If too long, the reply is cut (its start is kept) and gets no
+    EOS: the model must not learn to stop where the text did not.
+    Returns (ids, labels, truncated)."""
+    ids = [bos_id] + prompt_ids
+    room = max_len - len(ids)
+    reply = reply_ids + [eos_id]
+    truncated = len(reply) > room
+    reply = reply[:room]
+    return ids + reply, [IGNORE] * len(ids) + reply, truncated
+
+
+# -----------------------------------------------------------------------------
+# Data reading with an exact account of every row: bad rows are counted with their line
+# numbers, never a traceback; too many of them stops the run.
+
+
+class DataReport:
+    def __init__(self, name):
+        self.name, self.read, self.kept, self.truncated = name, 0, 0, 0
+        self.dropped = {}  # reason -> [count, first line numbers]
+        self.bad = 0  # unreadable / malformed rows (the share checked against max_bad_fraction)
+        self.lengths_before, self.lengths_after = [], []
+        self.extra = {}
+
+    def drop(self, reason, where, bad=False):
+        entry = self.dropped.setdefault(reason, [0, []])
+        entry[0] += 1
+        if len(entry[1]) < 5:
+            entry[1].append(where)
+        self.bad += bad
+
+    def check_bad_share(self, max_fraction, path):
+        if self.read and self.bad / self.read > max_fraction:
+            sys.exit(f"{path}: {self.bad} of {self.read} rows are malformed ({self.bad / self.read:.1%} > "
+                     f"max_bad_fraction {max_fraction:.1%}); first ones: "
+                     + "; ".join(f"{r} at {ls}" for r, (n, ls) in self.dropped.items())
+                     + ". Re-download the file (make download-datasets-and-models) or raise --max_bad_fraction.")
+
+    def to_dict(self):
+        def pct(xs):
+            if not xs:
+                return {}
+            a = np.asarray(xs)
+            return {f"p{q}": int(np.percentile(a, q)) for q in (50, 90, 99)} | {"max": int(a.max())}
+        return {"name": self.name, "rows_read": self.read, "rows_kept": self.kept,
+                "rows_dropped": {r: {"count": n, "first_lines": ls} for r, (n, ls) in self.dropped.items()},
+                "rows_truncated": self.truncated, "tokens_before_truncation": pct(self.lengths_before),
+                "tokens_after_truncation": pct(self.lengths_after), **self.extra}
+
+    def print(self):
+        d = self.to_dict()
+        print(f"data report: {self.name}")
+        print(f"  rows read {d['rows_read']:,} | kept {d['rows_kept']:,} | truncated {d['rows_truncated']:,}")
+        for r, v in d["rows_dropped"].items():
+            print(f"  dropped {v['count']:>7,}  {r:<34} first at {v['first_lines']}")
+        for k in ("tokens_before_truncation", "tokens_after_truncation"):
+            if d[k]:
+                print(f"  {k:<26} " + " ".join(f"{q} {v:,}" for q, v in d[k].items()))
+        for k, v in self.extra.items():
+            print(f"  {k:<26} {v}")
+
+
+def read_jsonl(path, report):
+    """Yield (line_number, dict) from .jsonl or .jsonl.gz; count bad lines instead of raising."""
+    opener = gzip.open if str(path).endswith(".gz") else open
+    lineno = 0
+    try:
+        with opener(path, "rt", encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                report.read += 1
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:
+                    report.drop("invalid JSON", f"{Path(path).name}:{lineno}", bad=True)
+                    continue
+                if not isinstance(row, dict):
+                    report.drop("not a JSON object", f"{Path(path).name}:{lineno}", bad=True)
+                    continue
+                yield lineno, row
+    except (EOFError, OSError, zlib.error, UnicodeDecodeError) as e:
+        # a gzip cut short (interrupted copy) ends here: keep what was read, count the rest as bad
+        report.read += 1
+        report.drop(f"file ends early or is corrupt ({type(e).__name__})", f"{Path(path).name}:{lineno + 1}", bad=True)
+
+
+def split_hh(transcript):
+    """hh-rlhf transcript -> (turns before the final reply, final reply) or None.
+
+    The transcript is "\\n\\nHuman: ...\\n\\nAssistant: ...". The preference is only in the
+    FINAL assistant turn: everything up to the last "\\n\\nAssistant:" is the prompt
+    (the 2023 recipe made a pair of every turn; 60% of them had chosen == rejected)."""
+    cut = transcript.rfind("\n\nAssistant:")
+    if cut < 0:
+        return None
+    head, reply = transcript[:cut], transcript[cut + len("\n\nAssistant:"):]
+    turns = []
+    for chunk in head.split("\n\nHuman:")[1:]:
+        human, *assistant = chunk.split("\n\nAssistant:")
+        turns.append(human.strip())
+        turns.extend(a.strip() for a in assistant)
+    if not turns or not head.startswith("\n\nHuman:") or len(turns) % 2 == 0:
+        return None  # must start with a human turn and alternate, ending on a human turn
+    return turns, reply.strip()
+
+
+# -----------------------------------------------------------------------------
+# Packing: best-fit decreasing into fixed-length rows. Each example keeps its own
+# position ids (0..n-1); transformers turns position-id restarts into a block-diagonal
+# causal mask (SDPA) or varlen attention (flash), so examples never attend to each other.
+
+
+def pack_best_fit(lengths, capacity):
+    """Indices grouped into bins whose lengths sum <= capacity, longest first, each into the
+    fullest bin that still fits it. O(n log n). Deterministic for the same lengths."""
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    bins, free = [], []  # free: sorted list of (remaining, bin index)
+    for i in order:
+        n = lengths[i]
+        j = bisect.bisect_left(free, (n, -1))
+        if j < len(free):
+            room, b = free.pop(j)
+        else:
+            room, b = capacity, len(bins)
+            bins.append([])
+        bins[b].append(i)
+        if room - n > 0:
+            bisect.insort(free, (room - n, b))
+    return bins
+
+
+def make_packed_row(examples, capacity, pad_id):
+    """examples = [(ids, labels)] -> (ids, labels, position_ids), each `capacity` long.
+    Padding forms its own 'document' (positions restart at 0) with IGNORE labels."""
+    ids, labels, pos = [], [], []
+    for x, y in examples:
+        ids += x
+        labels += y
+        pos += range(len(x))
+    pad = capacity - len(ids)
+    return ids + [pad_id] * pad, labels + [IGNORE] * pad, pos + list(range(pad))
+
+
+# -----------------------------------------------------------------------------
+# Model: the base in NF4 (QLoRA), LoRA adapters on top.
+
+
+def load_base_model(model_dir, cfg, device):
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    dtype = pick_dtype(cfg.dtype, device)
+    quant = None
+    if cfg.quantize_4bit:
+        # NF4 (normal-float 4-bit, information-optimal for normally distributed weights) plus
+        # double quantization of the block scales: 13B -> ~7.2 GB instead of 26 GB in fp16.
+        quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                   bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype)
+    model = AutoModelForCausalLM.from_pretrained(
+        resolve(model_dir), dtype=dtype, quantization_config=quant, device_map={"": str(device)},
+        attn_implementation="sdpa")
+    model.config.use_cache = False  # a KV cache is useless in training, and its presence disables packed masks
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if cfg.gradient_checkpointing:
+        # non-reentrant checkpointing works with frozen inputs; the reentrant one needs the
+        # "enable_input_require_grads" hack ("None of the inputs have requires_grad")
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
+
+
+def lora_config(cfg):
+    from peft import LoraConfig
+    return LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                      target_modules=cfg.lora_targets.split(","), bias="none", task_type="CAUSAL_LM")
+
+
+def set_active_adapters(model, names):
+    """Choose which LoRA adapters take part in the forward pass, without touching
+    requires_grad (peft's own set_adapter would mark them all trainable)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    for m in model.modules():
+        if isinstance(m, BaseTunerLayer):
+            m._active_adapter = list(names)
+
+
+def adapter_state(model, name):
+    from peft import get_peft_model_state_dict
+    return {k: v.detach().contiguous() for k, v in get_peft_model_state_dict(model, adapter_name=name).items()}
+
+
+def adapter_files(model, name):
+    """The adapter as checkpoint files in PEFT's standard layout (adapter_model.safetensors +
+    adapter_config.json), so it also loads with PeftModel.from_pretrained(base, folder)."""
+    config = model.peft_config[name].to_dict()
+    config["target_modules"] = sorted(config["target_modules"])
+    config["base_model_name_or_path"] = None  # no absolute path: the folder can move machines
+    config = json.loads(json.dumps(config, default=str))
+    return {"adapter_model.safetensors": adapter_state(model, name)}, {"adapter_config.json": config}
+
+
+def load_adapter_weights(model, name, folder):
+    from peft import set_peft_model_state_dict
+    result = set_peft_model_state_dict(model, load_file(str(Path(folder) / "adapter_model.safetensors")),
+                                       adapter_name=name)
+    unexpected = getattr(result, "unexpected_keys", [])
+    if unexpected:
+        sys.exit(f"{folder}: adapter has tensors this model does not: {unexpected[:3]}")
+
+
+def trainable_parameters(model):
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def sequence_logps(logits, labels, seq_ids, n_seqs):
+    """Sum of log p(label token) per sequence of a packed row.
+
+    logits [1, T, V], labels [1, T] (IGNORE where not scored), seq_ids [1, T] (which packed
+    sequence each token belongs to). Token t is scored by the logits at t-1."""
+    logp = torch.log_softmax(logits[0, :-1].float(), dim=-1)
+    targets, seqs = labels[0, 1:], seq_ids[0, 1:]
+    scored = targets != IGNORE
+    token_logp = logp.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1) * scored
+    return torch.zeros(n_seqs, device=logits.device).index_add(0, seqs, token_logp)
+
+
+def dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta):
+    """Direct Preference Optimization (Rafailov et al. 2023, eq. 7), per pair:
+
+        loss = -log sigmoid( beta * [(log pi(y_w|x) - log ref(y_w|x)) - (log pi(y_l|x) - log ref(y_l|x))] )
+
+    Inputs are summed reply log-probs [pairs]. Returns (loss [pairs], chosen reward,
+    rejected reward), rewards = beta * (log pi - log ref), the implicit reward DPO learns."""
+    chosen_reward = beta * (policy_chosen - ref_chosen)
+    rejected_reward = beta * (policy_rejected - ref_rejected)
+    loss = -torch.nn.functional.logsigmoid(chosen_reward - rejected_reward)
+    return loss, chosen_reward.detach(), rejected_reward.detach()
+
+
+# -----------------------------------------------------------------------------
+# Optimizer and LR: the LR is a pure function of the step (nanoGPT style), so resuming
+# needs no scheduler state at all.
+
+
+def make_optimizer(params, cfg):
+    kw = dict(lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(params, **kw)
+    import bitsandbytes as bnb
+    # 8-bit block-wise Adam states: 0.5B LoRA params -> 1 GB instead of 4 GB of moments.
+    # "paged" puts them in CUDA unified memory that spills to CPU RAM on a spike instead of OOM.
+    cls = bnb.optim.PagedAdamW8bit if cfg.optimizer == "paged_adamw_8bit" else bnb.optim.AdamW8bit
+    return cls(params, **kw)
+
+
+def lr_at(step, cfg, total_steps):
+    """Linear warmup for warmup_steps, then cosine from lr down to lr * min_lr_ratio."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps))
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+# -----------------------------------------------------------------------------
+# Checkpoints: only .safetensors and .json, written to step_XXXXXX.tmp/, fsynced, hashed,
+# marked COMPLETE.json last, then renamed into place. A kill at any instant leaves either
+# the old set or the old set plus a *.tmp that resume ignores.
+
+
+def sha256_file(path, chunk=1 << 24):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while b := f.read(chunk):
+            h.update(b)
+    return h.hexdigest()
+
+
+def _fsync_path(path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def flatten_optimizer(optimizer):
+    """optimizer.state_dict() -> (tensors, json). Works for torch AdamW and bitsandbytes'
+    8-bit / paged optimizers alike (their quantized states and scales are plain tensors)."""
+    sd = optimizer.state_dict()
+    tensors, scalars = {}, {}
+    for idx, state in sd["state"].items():
+        for k, v in state.items():
+            if torch.is_tensor(v):
+                tensors[f"state.{idx}.{k}"] = v.detach().cpu().contiguous()
+            else:
+                scalars[f"{idx}.{k}"] = v
+    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+
+
+def unflatten_optimizer(tensors, meta):
+    state = {}
+    for key, v in tensors.items():
+        _, idx, k = key.split(".", 2)
+        state.setdefault(int(idx), {})[k] = v
+    for key, v in meta["scalars"].items():
+        idx, k = key.split(".", 1)
+        state.setdefault(int(idx), {})[k] = v
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def rng_state():
+    """Every RNG stream, as (tensors, json)."""
+    tensors = {"torch_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"torch_cuda_{i}"] = s
+    np_state = np.random.get_state()
+    meta = {"python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
+            "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])]}
+    return tensors, meta
+
+
+def set_rng_state(tensors, meta):
+    torch.set_rng_state(tensors["torch_cpu"])
+    if torch.cuda.is_available():
+        cuda = [tensors[k] for k in sorted(k for k in tensors if k.startswith("torch_cuda_"))]
+        if cuda:
+            torch.cuda.set_rng_state_all(cuda)
+    v, s, g = meta["python"]
+    random.setstate((v, tuple(s), g))
+    name, keys, pos, has_gauss, cached = meta["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+
+
+class AtomicFolder:
+    """`with AtomicFolder(final) as tmp:` write files into tmp; on success every file is
+    fsynced and hashed into COMPLETE.json (written last), then tmp is renamed to `final`.
+    Crash anywhere -> `final` is either absent, the previous complete version, or the new
+    complete version. A full disk raises a clear error; older folders are untouched."""
+
+    def __init__(self, folder):
+        self.folder = Path(folder)
+        self.tmp = self.folder.with_name(self.folder.name + ".tmp")
+
+    def __enter__(self):
+        if self.tmp.exists():
+            shutil.rmtree(self.tmp)  # leftover of a save that was killed: never trusted
+        self.tmp.mkdir(parents=True)
+        return self.tmp
+
+    def __exit__(self, exc_type, exc, tb):
+        try:
+            if exc_type is None:
+                self._commit()
+        except OSError as e:
+            exc_type, exc = OSError, e
+        if exc_type is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            if issubclass(exc_type, OSError):
+                sys.exit(f"could not write {self.folder}: {exc}\n(disk full? free space and re-run the same "
+                         f"command: it resumes from the last complete checkpoint)")
+        return False
+
+    def _commit(self):
+        hashes = {}
+        for p in sorted(self.tmp.iterdir()):
+            _fsync_path(p)
+            hashes[p.name] = {"sha256": sha256_file(p), "bytes": p.stat().st_size}
+        marker = self.tmp / "COMPLETE.json"
+        marker.write_text(json.dumps({"files": hashes, "time": time.strftime("%Y-%m-%d %H:%M:%S")}, indent=2))
+        _fsync_path(marker)
+        if self.folder.exists():  # e.g. a rewritten final/: swap in, then delete the old one
+            old = self.folder.with_name(self.folder.name + ".old")
+            shutil.rmtree(old, ignore_errors=True)
+            self.folder.rename(old)
+            self.tmp.rename(self.folder)
+            shutil.rmtree(old)
+        else:
+            self.tmp.rename(self.folder)
+        _fsync_path(self.folder.parent)
+
+
+def write_checkpoint(folder, tensor_files, json_files):
+    """Atomically create `folder` from {"x.safetensors": {key: tensor}} and {"y.json": obj}."""
+    with AtomicFolder(folder) as tmp:
+        for name, tensors in tensor_files.items():
+            save_file(tensors, str(tmp / name))
+        for name, obj in json_files.items():
+            (tmp / name).write_text(json.dumps(obj, indent=2))
+
+
+def save_training_state(folder, model, adapter, optimizer, state):
+    """A resumable checkpoint: adapter + full optimizer state + every RNG stream + the JSON
+    state (step, data position, metric history, config). Saved only between optimizer
+    steps, so the gradient-accumulation position is always 0 here."""
+    tensors, jsons = adapter_files(model, adapter)
+    opt_tensors, opt_meta = flatten_optimizer(optimizer)
+    rng_tensors, rng_meta = rng_state()
+    tensors |= {"optimizer.safetensors": opt_tensors, "rng.safetensors": rng_tensors}
+    jsons |= {"optimizer.json": opt_meta, "trainer_state.json": dict(state, rng=rng_meta)}
+    write_checkpoint(folder, tensors, jsons)
+
+
+def load_training_state(folder, model, adapter, optimizer):
+    """Inverse of save_training_state; returns the JSON state. Nothing goes through pickle."""
+    folder = Path(folder)
+    load_adapter_weights(model, adapter, folder)
+    meta = json.loads((folder / "optimizer.json").read_text())
+    optimizer.load_state_dict(unflatten_optimizer(load_file(str(folder / "optimizer.safetensors")), meta))
+    state = json.loads((folder / "trainer_state.json").read_text())
+    set_rng_state(load_file(str(folder / "rng.safetensors")), state["rng"])
+    return state
+
+
+def verify_checkpoint(folder):
+    """Return a list of problems (empty = good) by checking every file against the hashes
+    recorded in COMPLETE.json: a truncated or flipped-bit tensor file is named, never used."""
+    folder = Path(folder)
+    if not is_complete(folder):
+        return [f"{folder}: no COMPLETE.json (the save was interrupted)"]
+    try:
+        files = json.loads((folder / "COMPLETE.json").read_text())["files"]
+    except (json.JSONDecodeError, KeyError) as e:
+        return [f"{folder}/COMPLETE.json unreadable: {e}"]
+    problems = []
+    for name, want in files.items():
+        p = folder / name
+        if not p.is_file():
+            problems.append(f"{p}: missing")
+        elif p.stat().st_size != want["bytes"] or sha256_file(p) != want["sha256"]:
+            problems.append(f"{p}: contents do not match the sha256 recorded at save time (corrupt or truncated)")
+    return problems
+
+
+def step_folders(output_dir):
+    return sorted(p for p in Path(output_dir).glob("step_*") if p.is_dir() and p.name[5:].isdigit())
+
+
+def latest_checkpoint(output_dir):
+    """Newest step folder that verifies; incomplete or corrupt ones are reported and skipped."""
+    for folder in reversed(step_folders(output_dir)):
+        problems = verify_checkpoint(folder)
+        if not problems:
+            return folder
+        print("skipping checkpoint: " + "; ".join(problems))
+    for tmp in Path(output_dir).glob("*.tmp"):
+        print(f"ignoring incomplete save {tmp} (interrupted while writing)")
+    return None
+
+
+def prune_checkpoints(output_dir, keep_last):
+    """Delete the oldest step folders beyond keep_last; called only after a newer one is complete."""
+    folders = step_folders(output_dir)
+    for old in folders[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+# Fields whose change makes a resumed run a different experiment: refuse. Anything else
+# (max_steps, logging cadence, keep_last, ...) may change and is reported.
+FROZEN_ON_RESUME = ("model_dir", "data_dir", "sft_dir", "seed", "max_seq_len", "max_len", "max_prompt_len",
+                    "eval_fraction", "subsets", "split", "max_pairs", "eval_pairs", "lora_r", "lora_alpha",
+                    "lora_dropout", "lora_targets", "quantize_4bit", "dtype", "optimizer", "micro_batch_size",
+                    "grad_accum")
+
+
+def find_resume(output_dir, cfg):
+    """The checkpoint to resume from (or None), its config checked against cfg up front:
+    a wrong setting stops the run in the first second, not after loading 13B weights."""
+    ckpt = latest_checkpoint(output_dir)
+    if ckpt is not None:
+        check_resume_config(json.loads((ckpt / "trainer_state.json").read_text())["config"], cfg)
+    return ckpt
+
+
+def check_resume_config(saved, cfg):
+    now = to_dict(cfg)
+    frozen = [k for k in FROZEN_ON_RESUME if k in now and saved.get(k) != now[k]]
+    if frozen:
+        sys.exit("cannot resume: these settings differ from the checkpoint's and would change the run:\n"
+                 + "\n".join(f"  {k}: checkpoint {saved.get(k)!r} -> now {now[k]!r}" for k in frozen)
+                 + f"\nuse the original values, or a new --output_dir to start a fresh run")
+    for k in now:
+        if k in saved and saved[k] != now[k]:
+            print(f"resume: {k} changed {saved[k]!r} -> {now[k]!r} (allowed)")
+
+
+# -----------------------------------------------------------------------------
+# Ctrl+C / SIGTERM: finish the optimizer step, save, exit. A second Ctrl+C exits at once
+# (safe: checkpoints are atomic, so the last complete one is intact).
+
+
+class StopRequest:
+    def __init__(self):
+        self.signum = None
+        signal.signal(signal.SIGINT, self._handle)
+        signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame):
+        if self.signum is not None:
+            print("\nsecond interrupt: exiting now; the last complete checkpoint is intact", flush=True)
+            os._exit(128 + signum)
+        self.signum = signum
+        print(f"\n{signal.Signals(signum).name}: finishing this optimizer step, then saving a checkpoint "
+              f"(press Ctrl+C again to quit at once)", flush=True)
+
+    @property
+    def requested(self):
+        return self.signum is not None
+
+    def exit(self, command):
+        print(f"stopped. resume with the same command:\n  {command}", flush=True)
+        sys.exit(128 + self.signum)
+
+
+# -----------------------------------------------------------------------------
+# Logging: one fixed-format line per logged step, and metrics.jsonl for machines.
+
+
+class MetricLog:
+    def __init__(self, output_dir, history=()):
+        self.path = Path(output_dir) / "metrics.jsonl"
+        self.history = list(history)
+        # rewrite from the checkpoint's history: lines logged after it (by the run that was
+        # interrupted) describe steps that are about to be redone
+        self.path.write_text("".join(json.dumps(h) + "\n" for h in self.history))
+        self.t0 = time.time()
+
+    def log(self, record):
+        self.history.append(record)
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def fmt_duration(seconds):
+    seconds = int(seconds)
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+def memory_gib(device):
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    try:
+        import resource
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # CPU: peak RSS (KiB on Linux)
+    except ImportError:
+        return float("nan")
+
+
+def save_json(path, obj):
+    tmp = Path(str(path) + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2))
+    tmp.replace(path)

@@ -1,0 +1,390 @@
+"""
+One place for every knob: pinned sources, paths, and one frozen dataclass per stage.
+
+Every stage script does `cfg = parse_args(SFTConfig, sys.argv[1:])`, which gives
+  --help                 list the fields with their defaults and comments
+  --preset demo          swap paths and sizes for the tiny CPU demo (see PRESETS)
+  --field value          override one field (or --field=value); unknown or ill-typed
+                         fields stop the run at once, naming the field
+All validation happens here, before any heavy import, so a typo costs one second.
+
+This module imports nothing heavy (no torch): the Makefile and tests can use it freely.
+"""
+
+import dataclasses
+import difflib
+import json
+import sys
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent  # relative paths below are relative to the repo root
+
+# -----------------------------------------------------------------------------
+# Pinned upstream sources. A revision is a full 40-hex commit: a branch name would
+# silently move (Airoboros data changed between commits, so the pin matters).
+
+
+@dataclass(frozen=True)
+class Source:
+    repo_id: str
+    repo_type: str  # "model" or "dataset" (the hub's URL layout differs)
+    revision: str  # full commit sha, never a branch
+    files: tuple  # exact file list to fetch: nothing else (no pytorch_*.bin: 60 GB of pickles)
+    local_dir: str  # plain folder under the repo root, not a hidden cache
+    sha256: dict = field(default_factory=dict)  # published hashes, checked after download
+
+
+HH_SUBSETS = ("harmless-base", "helpful-base", "helpful-online", "helpful-rejection-sampled")
+
+BASE_MODEL = Source(
+    repo_id="NousResearch/Llama-2-13b-hf",
+    repo_type="model",
+    revision="81da3af9503579bf991e3995564baa683b27d38c",
+    files=(
+        "config.json",
+        "generation_config.json",
+        "added_tokens.json",  # {"<pad>": 32000}: we never use id 32000, the embedding has 32000 rows
+        "special_tokens_map.json",
+        "tokenizer_config.json",
+        "tokenizer.model",
+        "model.safetensors.index.json",
+        "model-00001-of-00003.safetensors",  # 9.95 GB
+        "model-00002-of-00003.safetensors",  # 9.90 GB
+        "model-00003-of-00003.safetensors",  # 6.18 GB
+    ),
+    local_dir="models/Llama-2-13b-hf",
+    sha256={
+        "model-00001-of-00003.safetensors": "8c032219be6d961f65c163ff9eff9b8b928457a92da1f1a304ffd4ea86f76691",
+        "model-00002-of-00003.safetensors": "ec651f5d05472a91b9f6a48872270b63446b09cedfb4ccc901912557fac7a896",
+        "model-00003-of-00003.safetensors": "6f6c3a24a8013f9ac268e88c526f4d8ed8e6507e1f957167fd5d09f85341eda5",
+        "tokenizer.model": "9e556afd44213b6bd1be2b850ebbbd98f5481437a8021afaf58ee7fb1818d347",
+    },
+)
+
+AIROBOROS = Source(
+    repo_id="jondurbin/airoboros-gpt4-1.4.1",
+    repo_type="dataset",
+    revision="433c04038d724bf29a193bc3c1a48b600cc417a1",
+    files=("instructions.jsonl",),  # 45.9 MB, one {"instruction","response","category"} per line
+    local_dir="data/airoboros-gpt4-1.4.1",
+)
+
+HH_RLHF = Source(
+    repo_id="Anthropic/hh-rlhf",
+    repo_type="dataset",
+    revision="09be8c5bbc57cb3887f3a9732ad6aa7ec602a1fa",
+    # red-team-attempts/ has another schema and no preference pairs: not fetched
+    files=tuple(f"{s}/{split}.jsonl.gz" for s in HH_SUBSETS for split in ("train", "test")),
+    local_dir="data/hh-rlhf",
+)
+
+SOURCES = {"model": BASE_MODEL, "airoboros": AIROBOROS, "hh-rlhf": HH_RLHF}
+
+# The prompt format is the model's contract (Guanaco style). One newline after
+# "### Assistant:", turns separated by a blank line, loss on the reply + EOS only.
+HUMAN = "### Human:\n"
+ASSISTANT = "### Assistant:\n"
+TURN_SEP = "\n\n"
+
+# -----------------------------------------------------------------------------
+# Stage configs. Defaults are the real 13B run on one 24 GB card.
+
+
+@dataclass(frozen=True)
+class SFTConfig:
+    # inputs and outputs
+    model_dir: str = BASE_MODEL.local_dir  # base model folder (config, tokenizer, fp16 safetensors)
+    data_dir: str = AIROBOROS.local_dir  # folder holding instructions.jsonl
+    output_dir: str = "checkpoints/sft"  # step_XXXXXX/ checkpoints and final/ adapter go here
+    seed: int = 1337  # drives data order, held-out split, LoRA init and dropout
+    # data
+    max_seq_len: int = 2048  # packed row length in tokens; longer examples are truncated (reply kept from the start)
+    eval_fraction: float = 0.005  # 0.5% of records held out for eval loss
+    max_bad_fraction: float = 0.01  # stop if more than this share of input rows is unreadable or empty
+    # model
+    dtype: str = "auto"  # compute dtype: auto = bf16 on GPUs that have it, fp16 on older GPUs, fp32 on CPU
+    quantize_4bit: bool = True  # NF4 + double quant base (QLoRA); False only for debugging on tiny models
+    gradient_checkpointing: bool = True  # recompute activations in backward: ~40x less activation memory, ~30% more compute
+    lora_r: int = 128  # adapter rank: higher = more capacity, more memory (r=128 on 13B is 0.50B params)
+    lora_alpha: int = 16  # LoRA scale is alpha / r (Guanaco used alpha 16)
+    lora_dropout: float = 0.05  # dropout on the adapter input (Guanaco: 0.05 for 13B/33B)
+    lora_targets: str = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"  # all 7 linear layers (QLoRA paper: needed to match full finetuning)
+    # optimisation
+    optimizer: str = "paged_adamw_8bit"  # paged_adamw_8bit (bitsandbytes, GPU) or adamw (torch, exact fp32; CPU)
+    lr: float = 2e-4  # peak learning rate (QLoRA paper for 7B-13B)
+    min_lr_ratio: float = 0.1  # cosine decays to lr * this
+    warmup_steps: int = 50  # linear warmup from 0, in optimizer steps
+    weight_decay: float = 0.0  # on adapter weights only; QLoRA used 0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    grad_clip: float = 0.3  # max global grad norm (QLoRA paper); 0 disables
+    micro_batch_size: int = 1  # packed rows per forward pass; 1 x 2048 tokens fits 24 GB with checkpointing
+    grad_accum: int = 16  # micro-steps per optimizer step: 16 x 2048 = 32k tokens per step
+    num_epochs: int = 3  # passes over the training records
+    max_steps: int = -1  # optimizer steps to run; -1 = num_epochs worth
+    # bookkeeping
+    log_steps: int = 10  # print and log metrics every N optimizer steps
+    eval_steps: int = 200  # eval loss on the held-out split every N optimizer steps (and at the end)
+    eval_max_rows: int = 0  # cap on held-out packed rows per eval (0 = all)
+    save_steps: int = 200  # write a resumable checkpoint every N optimizer steps
+    keep_last: int = 2  # complete checkpoints to keep (the newest is never deleted before a newer one is complete)
+
+
+@dataclass(frozen=True)
+class DPOConfig:
+    model_dir: str = BASE_MODEL.local_dir  # base model folder (same base the SFT adapter was trained on)
+    sft_dir: str = "checkpoints/sft/final"  # SFT adapter: loaded frozen, it IS the reference model
+    data_dir: str = HH_RLHF.local_dir  # folder holding <subset>/{train,test}.jsonl.gz
+    output_dir: str = "checkpoints/dpo"  # step_XXXXXX/ checkpoints and final/ adapter go here
+    seed: int = 1337  # drives pair sampling and order, LoRA init
+    subsets: str = ",".join(HH_SUBSETS)  # comma list of hh-rlhf subsets to train on
+    split: str = "train"  # train or test
+    max_pairs: int = 32000  # pair budget after filtering, sampled uniformly (0 = all ~160k; see README for hours)
+    eval_pairs: int = 512  # held-out pairs from the test split for reward accuracy / eval loss
+    # sequence limits, applied identically to chosen and rejected
+    max_len: int = 1536  # prompt + reply tokens per side
+    max_prompt_len: int = 1024  # a longer prompt drops the pair (it would leave too little reply to compare)
+    max_bad_fraction: float = 0.01  # stop if more than this share of input rows is unreadable
+    # DPO
+    beta: float = 0.1  # KL strength: reward = beta * (log pi - log ref); lower = drift further from SFT
+    # model (same meaning as SFT)
+    dtype: str = "auto"
+    quantize_4bit: bool = True
+    gradient_checkpointing: bool = True
+    lora_r: int = 128  # the DPO adapter stacked on the frozen SFT adapter
+    lora_alpha: int = 16
+    lora_dropout: float = 0.0  # 0: policy and reference must agree exactly at step 0 (TRL disables dropout for DPO too)
+    lora_targets: str = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
+    # optimisation
+    optimizer: str = "paged_adamw_8bit"
+    lr: float = 2e-5  # DPO wants a much smaller step than SFT
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 50
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    grad_clip: float = 1.0
+    micro_batch_size: int = 1  # pairs per forward (each pair = chosen + rejected rows)
+    grad_accum: int = 16  # pairs per optimizer step
+    num_epochs: int = 1
+    max_steps: int = -1  # -1 = num_epochs worth
+    log_steps: int = 10
+    eval_steps: int = 200
+    save_steps: int = 200
+    keep_last: int = 2
+
+
+@dataclass(frozen=True)
+class MergeConfig:
+    model_dir: str = BASE_MODEL.local_dir  # the ORIGINAL fp16 shards are merged into (never dequantized NF4)
+    sft_dir: str = "checkpoints/sft/final"  # adapters are added in this order: SFT, then DPO
+    dpo_dir: str = "checkpoints/dpo/final"
+    output_dir: str = "models/Llama-2-13b-airoboros-dpo"  # standalone model folder
+    max_shard_gb: float = 5.0  # output shard size; one shard is the peak extra CPU RAM of the merge
+    seed: int = 1337  # unused by the merge itself; kept so every stage records one
+
+
+@dataclass(frozen=True)
+class ChatConfig:
+    model_dir: str = "models/Llama-2-13b-airoboros-dpo"  # merged model folder
+    prompt: str = ""  # one-shot prompt; empty = interactive
+    max_new_tokens: int = 256
+    temperature: float = 0.7  # 0 = greedy
+    top_p: float = 0.9
+    seed: int = 1337
+    dtype: str = "auto"
+
+
+# The demo preset: the same scripts on a 2-layer Llama and generated sample data
+# (see demo_assets.py). fp32 on CPU so resume and merge checks can be exact.
+_DEMO_COMMON = dict(dtype="float32", optimizer="adamw", lora_r=8, lora_alpha=16, warmup_steps=4,
+                    log_steps=2, eval_steps=10, save_steps=10, grad_accum=2)
+PRESETS = {
+    "full": {},
+    "demo": {
+        SFTConfig: dict(_DEMO_COMMON, model_dir="models/demo-llama", data_dir="data/demo/airoboros",
+                        output_dir="checkpoints/demo/sft", max_seq_len=256, lr=2e-3, num_epochs=2,
+                        max_steps=30, eval_fraction=0.05, lora_dropout=0.0),
+        DPOConfig: dict(_DEMO_COMMON, model_dir="models/demo-llama", data_dir="data/demo/hh-rlhf",
+                        sft_dir="checkpoints/demo/sft/final", output_dir="checkpoints/demo/dpo",
+                        max_len=192, max_prompt_len=128, max_pairs=0, eval_pairs=16, lr=1e-3,
+                        max_steps=16),
+        MergeConfig: dict(model_dir="models/demo-llama", sft_dir="checkpoints/demo/sft/final",
+                          dpo_dir="checkpoints/demo/dpo/final", output_dir="models/demo-merged",
+                          max_shard_gb=0.0005),
+        ChatConfig: dict(model_dir="models/demo-merged", max_new_tokens=48, dtype="float32", temperature=0.0),
+    },
+}
+
+# -----------------------------------------------------------------------------
+# Validation: one function per rule family, run before any heavy work.
+
+
+class ConfigError(ValueError):
+    pass
+
+
+_CHOICES = {
+    "dtype": ("auto", "bfloat16", "float16", "float32"),
+    "optimizer": ("paged_adamw_8bit", "adamw_8bit", "adamw"),
+    "split": ("train", "test"),
+}
+_LORA_NAMES = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+
+
+def validate(cfg):
+    """Raise ConfigError naming the first bad field. Types are already right here."""
+    def bad(name, why):
+        raise ConfigError(f"{type(cfg).__name__}.{name} = {getattr(cfg, name)!r}: {why}")
+    for f in fields(cfg):
+        v = getattr(cfg, f.name)
+        if f.name in _CHOICES and v not in _CHOICES[f.name]:
+            bad(f.name, f"must be one of {', '.join(_CHOICES[f.name])}")
+        if f.type in ("int", int) and f.name not in ("max_steps",) and v < 0:
+            bad(f.name, "must be >= 0")
+    positive = ("max_seq_len", "max_len", "max_prompt_len", "micro_batch_size", "grad_accum", "lora_r",
+                "lora_alpha", "num_epochs", "log_steps", "eval_steps", "save_steps", "keep_last", "lr",
+                "max_new_tokens")
+    for name in positive:
+        if hasattr(cfg, name) and not getattr(cfg, name) > 0:
+            bad(name, "must be > 0")
+    for name in ("eval_fraction", "max_bad_fraction", "lora_dropout", "min_lr_ratio", "top_p"):
+        if hasattr(cfg, name) and not 0.0 <= getattr(cfg, name) <= 1.0:
+            bad(name, "must be within [0, 1]")
+    if getattr(cfg, "max_steps", 0) < -1 or getattr(cfg, "max_steps", 1) == 0:
+        bad("max_steps", "must be -1 (derive from num_epochs) or > 0")
+    if hasattr(cfg, "lora_targets"):
+        names = [t for t in cfg.lora_targets.split(",") if t]
+        unknown = set(names) - _LORA_NAMES
+        if not names or unknown:
+            bad("lora_targets", f"comma list of {', '.join(sorted(_LORA_NAMES))} (unknown: {sorted(unknown)})")
+    if hasattr(cfg, "subsets"):
+        names = [s for s in cfg.subsets.split(",") if s]
+        unknown = set(names) - set(HH_SUBSETS)
+        if not names or unknown:
+            bad("subsets", f"comma list of {', '.join(HH_SUBSETS)} (unknown: {sorted(unknown)})")
+    if hasattr(cfg, "max_prompt_len") and cfg.max_prompt_len >= cfg.max_len:
+        bad("max_prompt_len", f"must be < max_len ({cfg.max_len}) to leave room for the replies")
+    if hasattr(cfg, "temperature") and cfg.temperature < 0:
+        bad("temperature", "must be >= 0")
+    if hasattr(cfg, "max_shard_gb") and not cfg.max_shard_gb > 0:
+        bad("max_shard_gb", "must be > 0")
+
+
+# -----------------------------------------------------------------------------
+# Command line: --field value overrides, typed by the dataclass annotations.
+
+
+def _parse_value(cls, name, text):
+    typ = {f.name: f.type for f in fields(cls)}[name]
+    typ = {"int": int, "float": float, "str": str, "bool": bool}.get(typ, typ)
+    if typ is bool:
+        low = text.lower()
+        if low in ("1", "true", "yes", "on"):
+            return True
+        if low in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(f"--{name}: expected true/false, got {text!r}")
+    try:
+        return typ(text)
+    except ValueError:
+        raise ConfigError(f"--{name}: expected {typ.__name__}, got {text!r}") from None
+
+
+def _field_comments(cls):
+    """Trailing '# ...' comments of each field, read from this file, for --help."""
+    out, src = {}, Path(__file__).read_text().splitlines()
+    inside = False
+    for line in src:
+        if line.startswith("class "):
+            inside = line.startswith(f"class {cls.__name__}(") or line.startswith(f"class {cls.__name__}:")
+        elif inside and ":" in line and line.startswith("    ") and not line.strip().startswith("#"):
+            name = line.strip().split(":")[0]
+            if "  # " in line:
+                out[name] = line.split("  # ", 1)[1]
+    return out
+
+
+def usage(cls, flags=()):
+    comments = _field_comments(cls)
+    lines = [f"usage: python {Path(sys.argv[0]).name} [--preset {'|'.join(PRESETS)}] [--field value ...]"
+             + "".join(f" [{f}]" for f, _ in flags), "", f"fields of {cls.__name__} (default):"]
+    for f in fields(cls):
+        lines.append(f"  --{f.name:<24} {getattr(cls(), f.name)!r:<28} {comments.get(f.name, '')}")
+    for f, why in flags:
+        lines.append(f"  {f:<26} {why}")
+    return "\n".join(lines)
+
+
+def parse_args(cls, argv, flags=()):
+    """Build a validated cls from argv. `flags` are (name, help) pairs of boolean script
+    switches (e.g. --prepare-only), returned in a set. Exits with a clear message on error."""
+    try:
+        return _parse_args(cls, list(argv), flags)
+    except ConfigError as e:
+        sys.exit(f"config error: {e}\n(run with --help to list fields and defaults)")
+
+
+def _parse_args(cls, argv, flags):
+    if "-h" in argv or "--help" in argv:
+        print(usage(cls, flags))
+        sys.exit(0)
+    names = {f.name for f in fields(cls)}
+    flag_names = {f for f, _ in flags}
+    preset, overrides, switches = "full", {}, set()
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if not arg.startswith("--"):
+            raise ConfigError(f"unexpected argument {arg!r}: use --field value")
+        key, eq, val = arg[2:].partition("=")
+        if "--" + key in flag_names:
+            switches.add("--" + key)
+            i += 1
+            continue
+        if not eq:
+            if i + 1 >= len(argv):
+                raise ConfigError(f"--{key} needs a value")
+            val, i = argv[i + 1], i + 1
+        i += 1
+        if key == "preset":
+            if val not in PRESETS:
+                raise ConfigError(f"--preset: unknown preset {val!r} (choose from {', '.join(PRESETS)})")
+            preset = val
+            continue
+        if key not in names:
+            hint = difflib.get_close_matches(key, names, n=1)
+            raise ConfigError(f"unknown field --{key} for {cls.__name__}"
+                              + (f" (did you mean --{hint[0]}?)" if hint else ""))
+        overrides[key] = _parse_value(cls, key, val)
+    values = dict(PRESETS[preset].get(cls, {}))
+    values.update(overrides)
+    cfg = cls(**values)
+    validate(cfg)
+    return (cfg, switches) if flags else cfg
+
+
+def resolve(path):
+    """Relative config paths are relative to the repo root, so scripts work from any cwd
+    and saved configs hold no absolute path (the folder can be moved between machines)."""
+    p = Path(path)
+    return p if p.is_absolute() else ROOT / p
+
+
+def to_dict(cfg):
+    return dataclasses.asdict(cfg)
+
+
+def print_config(cfg):
+    print(f"{type(cfg).__name__}:")
+    for k, v in to_dict(cfg).items():
+        print(f"  {k:<24} {v}")
+
+
+if __name__ == "__main__":
+    # `python config.py sft|dpo|merge|chat [--preset demo] [--field value]` prints the resolved config as JSON
+    kinds = {"sft": SFTConfig, "dpo": DPOConfig, "merge": MergeConfig, "chat": ChatConfig}
+    if len(sys.argv) < 2 or sys.argv[1] not in kinds:
+        sys.exit(f"usage: python config.py {{{'|'.join(kinds)}}} [--preset demo] [--field value ...]")
+    print(json.dumps(to_dict(parse_args(kinds[sys.argv[1]], sys.argv[2:])), indent=2))

@@ -1,0 +1,158 @@
+"""
+Build the CPU demo's inputs, offline, in seconds: a 2-layer Llama with random weights,
+a small sentencepiece tokenizer, and sample data in the EXACT upstream on-disk formats,
+so the demo runs the same sft.py / dpo.py / merge.py code paths as the 13B run.
+
+    python demo_assets.py            # writes models/demo-llama, data/demo/{airoboros,hh-rlhf}
+    python demo_assets.py --out DIR  # the same under DIR (tests use a temporary folder)
+
+Nothing here is committed as a binary: it is generated, deterministically (fixed seeds).
+Layout mirrors the real downloads:
+    models/demo-llama/    config.json, generation_config.json, model.safetensors, tokenizer.model, ...
+    data/demo/airoboros/instructions.jsonl            {"instruction", "response", "category"} per line
+    data/demo/hh-rlhf/<subset>/{train,test}.jsonl.gz  {"chosen", "rejected"} full transcripts
+"""
+
+import gzip
+import json
+import random
+import sys
+from pathlib import Path
+
+from config import HH_SUBSETS, ROOT
+
+SEED = 1234
+OUT = Path(sys.argv[sys.argv.index("--out") + 1]).resolve() if "--out" in sys.argv else ROOT
+MODEL_DIR = OUT / "models/demo-llama"
+DATA_DIR = OUT / "data/demo"
+
+# --- sample Airoboros-style records, one generator per category the real set has ----------
+COUNTRIES = [("France", "Paris"), ("Japan", "Tokyo"), ("Italy", "Rome"), ("Kenya", "Nairobi"),
+             ("Peru", "Lima"), ("Norway", "Oslo"), ("Egypt", "Cairo"), ("Canada", "Ottawa"),
+             ("Spain", "Madrid"), ("Chile", "Santiago"), ("Greece", "Athens"), ("India", "New Delhi")]
+ANIMALS = ["cat", "dog", "owl", "fox", "whale", "otter", "crow", "bee"]
+
+
+def airoboros_records(rng):
+    out = []
+    for country, capital in COUNTRIES:
+        out.append(("trivia", f"What is the capital of {country}?", f"The capital of {country} is {capital}."))
+    for _ in range(60):
+        a, b = rng.randint(1, 49), rng.randint(1, 49)
+        out.append(("orca", f"What is {a} + {b}?", f"{a} + {b} = {a + b}."))
+    for _ in range(20):
+        n = rng.randint(2, 9)
+        out.append(("coding", f"Write a Python function that multiplies a number by {n}. PLAINFORMAT",
+                    f"def times_{n}(x):\n    return x * {n}"))
+    for country, capital in COUNTRIES:
+        ctx = (f"BEGININPUT\nBEGINCONTEXT\nsource: atlas\nENDCONTEXT\n{capital} is the largest city "
+               f"of {country}.\nENDINPUT\nBEGININSTRUCTION\nWhich country is {capital} in?\nENDINSTRUCTION")
+        out.append(("contextual", ctx, f"{capital} is in {country}. [source: atlas]"))
+    for animal in ANIMALS:
+        out.append(("joke", f"Tell me a joke about a {animal}.",
+                    f"Why did the {animal} sit on the clock? It wanted to be on time."))
+        out.append(("writing", f"Write a two-line poem about a {animal}.",
+                    f"The {animal} wakes before the sun,\nand greets the day when night is done."))
+        out.append(("multiple_choice", f"Which is an animal?\nA. stone\nB. {animal}\nC. cloud",
+                    f"B. {animal}"))
+    out.append(("general", "Say hello in French, Japanese and Greek.", "Bonjour, こんにちは, Γειά σου."))
+    out.append(("agent", "Question: how tall is Mount Everest?\nTools: Search[input], Answer[input]",
+                "Thought: I should search.\nAction: Search[Mount Everest height]\nAnswer: 8,849 metres."))
+    rng.shuffle(out)
+    return [{"instruction": i, "response": r, "category": c} for c, i, r in out]
+
+
+# --- sample hh-rlhf pairs: "\n\nHuman: ...\n\nAssistant: ..." transcripts -------------------
+GOOD = ["I would be glad to help. {a}", "Sure! {a}", "Happy to help: {a}"]
+BAD = ["I don't know.", "Figure it out yourself.", "Why would I tell you?"]
+
+
+def hh_rows(rng, n):
+    rows = []
+    for _ in range(n):
+        country, capital = rng.choice(COUNTRIES)
+        a, b = rng.randint(1, 20), rng.randint(1, 20)
+        qa = rng.choice([(f"What is the capital of {country}?", f"The capital of {country} is {capital}."),
+                         (f"What is {a} + {b}?", f"{a} + {b} = {a + b}.")])
+        history = ""
+        if rng.random() < 0.4:  # multi-turn: the earlier turns become the prompt
+            history = f"\n\nHuman: Hi there.\n\nAssistant: Hello! How can I help?"
+        prompt = f"{history}\n\nHuman: {qa[0]}\n\nAssistant:"
+        rows.append({"chosen": prompt + " " + rng.choice(GOOD).format(a=qa[1]),
+                     "rejected": prompt + " " + rng.choice(BAD)})
+    # the real data's quirks, so the demo's data report shows them handled
+    rows.append({"chosen": "\n\nHuman: Same?\n\nAssistant: Yes.", "rejected": "\n\nHuman: Same?\n\nAssistant: Yes."})
+    rows.append({"chosen": "\n\nHuman: Anything?\n\nAssistant:", "rejected": "\n\nHuman: Anything?\n\nAssistant: No."})
+    return rows
+
+
+def write_data():
+    rng = random.Random(SEED)
+    (DATA_DIR / "airoboros").mkdir(parents=True, exist_ok=True)
+    records = airoboros_records(rng)
+    with open(DATA_DIR / "airoboros/instructions.jsonl", "w", encoding="utf-8") as f:
+        for r in records:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    for subset in HH_SUBSETS:
+        for split, n in (("train", 48), ("test", 12)):
+            path = DATA_DIR / "hh-rlhf" / subset / f"{split}.jsonl.gz"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with gzip.open(path, "wt", encoding="utf-8") as f:
+                for r in hh_rows(rng, n):
+                    f.write(json.dumps(r) + "\n")
+    return records
+
+
+def write_tokenizer(records):
+    """BPE sentencepiece in Llama-2's conventions: unk 0, bos 1, eos 2, no pad, a dummy
+    prefix space, byte fallback (so any unicode still encodes), and NO normalisation (the
+    default one collapses the newlines the prompt format depends on)."""
+    import io
+    import sentencepiece as spm
+    text = [r["instruction"] + "\n" + r["response"] for r in records]
+    text += ["### Human:\n", "### Assistant:\n"] * 20
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(text), model_writer=buf, model_type="bpe", vocab_size=512,
+        byte_fallback=True, normalization_rule_name="identity", remove_extra_whitespaces=False,
+        add_dummy_prefix=True, split_digits=True, allow_whitespace_only_pieces=True,
+        unk_id=0, bos_id=1, eos_id=2, pad_id=-1, character_coverage=1.0, num_threads=1,
+        minloglevel=2)
+    (MODEL_DIR / "tokenizer.model").write_bytes(buf.getvalue())
+    # the same side files the real Llama-2 folder has, so AutoTokenizer loads the merged model
+    (MODEL_DIR / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
+        "add_bos_token": True, "add_eos_token": False, "legacy": True, "model_max_length": 512}, indent=2))
+    (MODEL_DIR / "special_tokens_map.json").write_text(json.dumps(
+        {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}, indent=2))
+
+
+def write_model():
+    import torch
+    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(SEED)
+    # Llama-2-13B's architecture at toy size (13B: hidden 5120, 40 layers, 40 heads, ffn 13824).
+    config = LlamaConfig(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512,
+                         rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
+    model = LlamaForCausalLM(config).to(torch.float32)  # fp32 base: lets merge be checked tightly
+    model.save_pretrained(MODEL_DIR, safe_serialization=True)
+    GenerationConfig(bos_token_id=1, eos_token_id=2, do_sample=False, max_new_tokens=64).save_pretrained(MODEL_DIR)
+
+
+def main():
+    marker = MODEL_DIR / "COMPLETE.json"
+    if marker.is_file() and (DATA_DIR / "airoboros/instructions.jsonl").is_file():
+        print(f"demo assets already built ({MODEL_DIR}, {DATA_DIR})")
+        return
+    MODEL_DIR.mkdir(parents=True, exist_ok=True)
+    records = write_data()
+    write_tokenizer(records)
+    write_model()
+    marker.write_text(json.dumps({"seed": SEED}))
+    print(f"demo assets built: {MODEL_DIR} and {DATA_DIR} "
+          f"({len(records)} instructions, {len(HH_SUBSETS)} hh-rlhf subsets)")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

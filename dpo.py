@@ -1,0 +1,280 @@
+"""
+Stage 2: Direct Preference Optimization on Anthropic hh-rlhf, starting from the SFT adapter.
+
+    python dpo.py                      # the real run (what `make dpo` does), offline
+    python dpo.py --preset demo        # the 2-layer CPU demo
+    python dpo.py --prepare-only       # data preparation and its report only
+    python dpo.py --help
+
+Model: NF4 base + the SFT adapter (frozen) + a new DPO adapter (trained). The reference
+model is the SAME weights with the DPO adapter switched off, under no_grad: exactly the
+SFT model, with no second 13B copy in memory (the 2023 recipe used the policy itself as
+its reference, so its rewards were stuck at 0). Dropout is off, so at step 0 policy ==
+reference and the loss is exactly ln 2.
+
+Data: each hh-rlhf pair becomes (prompt = every turn before the FINAL assistant reply, in
+the ### Human / ### Assistant format; chosen reply; rejected reply). Pairs with different
+prompts, empty or identical replies, or a prompt over max_prompt_len are dropped and
+counted. Both sides are cut to max_len tokens by the same rule.
+Output: <output_dir>/final/adapter_model.safetensors (the DPO adapter; the SFT one is unchanged).
+"""
+
+import common  # first: switches the HF libraries to offline before they are imported
+
+import math
+import random
+import sys
+import time
+
+import torch
+
+from common import IGNORE, DataReport, Tokenizer
+from config import DPOConfig, parse_args, print_config, resolve, to_dict
+
+cfg, switches = parse_args(DPOConfig, sys.argv[1:], flags=[("--prepare-only", "prepare the data, write data_report.json, stop")])
+prepare_only = "--prepare-only" in switches
+print_config(cfg)
+out_dir, final_dir = resolve(cfg.output_dir), resolve(cfg.output_dir) / "final"
+resume_cmd = " ".join(["python"] + sys.argv)
+if common.is_complete(final_dir) and not prepare_only:
+    print(f"dpo: already complete ({cfg.output_dir}/final): nothing to do. "
+          f"Use a new --output_dir (or delete that folder) to train again.")
+    sys.exit(0)
+subsets = cfg.subsets.split(",")
+data_files = {split: [resolve(cfg.data_dir) / s / f"{split}.jsonl.gz" for s in subsets] for split in ("train", "test")}
+fix = "python demo_assets.py" if "demo" in cfg.model_dir else "make download-datasets-and-models"
+common.require_files(common.model_files(cfg.model_dir) + data_files[cfg.split] + data_files["test"], fix)
+if not prepare_only and not common.is_complete(resolve(cfg.sft_dir)):
+    # a stage never starts from an upstream stage's incomplete output
+    sys.exit(f"{cfg.sft_dir} is not a complete SFT adapter (no COMPLETE.json): run `make sft` first")
+ckpt = common.find_resume(out_dir, cfg)  # before any heavy work: a mismatch costs a second
+out_dir.mkdir(parents=True, exist_ok=True)
+common.save_json(out_dir / "config.json", to_dict(cfg))
+
+# -----------------------------------------------------------------------------
+# Data: final-turn preference pairs, filtered and truncated identically on both sides.
+
+tok = Tokenizer(cfg.model_dir)
+
+
+def read_pairs(paths, report):
+    """-> list of (prompt_ids, chosen_ids, rejected_ids, chosen_labels, rejected_labels)."""
+    raw = []
+    for path in paths:
+        for lineno, row in common.read_jsonl(path, report):
+            where = f"{path.parent.name}/{path.name}:{lineno}"
+            chosen, rejected = row.get("chosen"), row.get("rejected")
+            if not isinstance(chosen, str) or not isinstance(rejected, str):
+                report.drop("missing or non-string chosen/rejected", where, bad=True)
+                continue
+            c, r = common.split_hh(chosen), common.split_hh(rejected)
+            if c is None or r is None:
+                report.drop("not a Human/Assistant transcript", where, bad=True)
+                continue
+            if c[0] != r[0]:
+                # the split point differs: a reply itself contains "\n\nAssistant:" (5 of 2,312 in harmless test)
+                report.drop("chosen and rejected prompts differ", where)
+            elif not c[1] or not r[1]:
+                report.drop("empty reply", where)
+            elif c[1] == r[1]:
+                report.drop("identical chosen and rejected", where)  # zero gradient, fake accuracy
+            else:
+                raw.append((where, common.format_prompt(c[0]), c[1], r[1]))
+    prompts = tok.encode(x[1] for x in raw)
+    chosen_ids, rejected_ids = tok.encode(x[2] for x in raw), tok.encode(x[3] for x in raw)
+    pairs = []
+    for (where, *_), p, c, r in zip(raw, prompts, chosen_ids, rejected_ids):
+        if 1 + len(p) > cfg.max_prompt_len:
+            report.drop("prompt longer than max_prompt_len", where)
+            continue
+        # same prompt ids, same budget, same rule for both replies
+        c_ids, c_lab, c_cut = common.build_example(p, c, tok.eos_id, tok.bos_id, cfg.max_len)
+        r_ids, r_lab, r_cut = common.build_example(p, r, tok.eos_id, tok.bos_id, cfg.max_len)
+        if c_ids == r_ids:
+            report.drop("identical after truncation", where)
+            continue
+        report.lengths_before.append(1 + len(p) + max(len(c), len(r)) + 1)
+        report.lengths_after.append(max(len(c_ids), len(r_ids)))
+        report.truncated += c_cut or r_cut
+        pairs.append((c_ids, c_lab, r_ids, r_lab))
+    return pairs
+
+
+report = DataReport(f"hh-rlhf {cfg.split}: {cfg.subsets} (dpo)")
+pairs = read_pairs(data_files[cfg.split], report)
+report.check_bad_share(cfg.max_bad_fraction, resolve(cfg.data_dir))
+rng = random.Random(cfg.seed)
+rng.shuffle(pairs)  # seeded: the sample and the held-out set are a function of the seed
+eval_report = DataReport(f"hh-rlhf test: {cfg.subsets} (dpo eval)")
+if cfg.split == "test":  # train on test: hold the eval pairs out of it
+    eval_pairs, pairs = pairs[:cfg.eval_pairs], pairs[cfg.eval_pairs:]
+else:
+    eval_pairs = read_pairs(data_files["test"], eval_report)
+    random.Random(cfg.seed).shuffle(eval_pairs)
+    eval_pairs = eval_pairs[:cfg.eval_pairs]
+if cfg.max_pairs > 0:
+    pairs = pairs[:cfg.max_pairs]  # the pair budget (see README for the hours it buys)
+report.kept = len(pairs)
+report.extra = {"train_pairs": len(pairs), "eval_pairs": len(eval_pairs),
+                "tokens_per_pair_mean": round(sum(len(p[0]) + len(p[2]) for p in pairs) / max(len(pairs), 1), 1)}
+report.print()
+common.save_json(out_dir / "data_report.json", report.to_dict() | {"eval": eval_report.to_dict()})
+if prepare_only:
+    print(f"data report written to {cfg.output_dir}/data_report.json")
+    sys.exit(0)
+if not pairs:
+    sys.exit(f"{cfg.data_dir}: no usable preference pairs")
+
+
+def packed_batch(batch):
+    """Pairs -> one padding-free row [chosen_0, rejected_0, chosen_1, ...] with per-sequence
+    position ids (no cross-sequence attention) and the sequence index of every token."""
+    ids, labels, pos, seq = [], [], [], []
+    for k, (c_ids, c_lab, r_ids, r_lab) in enumerate(batch):
+        for j, (x, y) in enumerate(((c_ids, c_lab), (r_ids, r_lab))):
+            ids += x
+            labels += y
+            pos += range(len(x))
+            seq += [2 * k + j] * len(x)
+    return [torch.tensor([v]) for v in (ids, labels, pos, seq)]
+
+
+# -----------------------------------------------------------------------------
+# Model: NF4 base + frozen SFT adapter + trainable DPO adapter.
+
+from peft import PeftModel  # noqa: E402  (after the data: a data error costs seconds, not a model load)
+
+device = common.pick_device()
+if device.type == "cuda":
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+torch.manual_seed(cfg.seed)
+model = common.load_base_model(cfg.model_dir, cfg, device)
+model = PeftModel.from_pretrained(model, resolve(cfg.sft_dir), adapter_name="sft", is_trainable=False)
+model.add_adapter("dpo", common.lora_config(cfg))
+common.set_active_adapters(model, ["sft", "dpo"])
+for name, p in model.named_parameters():
+    p.requires_grad_(".dpo." in name)  # only the DPO adapter learns; base and SFT adapter stay frozen
+for m in model.modules():
+    if isinstance(m, torch.nn.Dropout):
+        m.p = 0.0  # incl. the SFT adapter's 0.05: the reference pass must see the same network
+params = common.trainable_parameters(model)
+print(f"model: {cfg.model_dir} + {cfg.sft_dir} on {device} ({common.pick_dtype(cfg.dtype, device)}), "
+      f"{sum(p.numel() for p in params):,} trainable DPO-adapter params")
+optimizer = common.make_optimizer(params, cfg)
+
+pairs_per_step = cfg.micro_batch_size * cfg.grad_accum
+total_steps = cfg.max_steps if cfg.max_steps > 0 else math.ceil(cfg.num_epochs * len(pairs) / pairs_per_step)
+
+step, history = 0, []
+if ckpt is not None:
+    state = common.load_training_state(ckpt, model, "dpo", optimizer)
+    step, history = state["step"], state["history"]
+    print(f"resumed from {ckpt.relative_to(out_dir.parent)} at step {step}/{total_steps}")
+log = common.MetricLog(out_dir, history)
+
+
+def pairs_for_step(s):
+    """Pair indices of optimizer step s; each epoch a permutation that is a pure function of (seed, epoch)."""
+    out = []
+    for p in range(s * pairs_per_step, (s + 1) * pairs_per_step):
+        order = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(cfg.seed * 1000 + p // len(pairs)))
+        out.append(order[p % len(pairs)].item())
+    return out
+
+
+def forward_logps(batch):
+    """Summed reply log-probs of every packed sequence: policy (with grad) and reference
+    (DPO adapter off, no grad). Returns [2 * pairs] each, chosen at even, rejected at odd."""
+    ids, labels, pos, seq = (t.to(device) for t in packed_batch(batch))
+    with torch.no_grad():
+        common.set_active_adapters(model, ["sft"])  # the reference = the SFT model, exactly
+        ref = common.sequence_logps(model(input_ids=ids, position_ids=pos, use_cache=False).logits, labels, seq, 2 * len(batch))
+        common.set_active_adapters(model, ["sft", "dpo"])
+    policy = common.sequence_logps(model(input_ids=ids, position_ids=pos, use_cache=False).logits, labels, seq, 2 * len(batch))
+    return policy, ref
+
+
+@torch.no_grad()
+def evaluate():
+    model.eval()
+    sums = {"eval_loss": 0.0, "eval_acc": 0.0, "eval_margin": 0.0}
+    for i in range(0, len(eval_pairs), cfg.micro_batch_size):
+        policy, ref = forward_logps(eval_pairs[i:i + cfg.micro_batch_size])
+        loss, rc, rr = common.dpo_loss(policy[0::2], policy[1::2], ref[0::2], ref[1::2], cfg.beta)
+        sums["eval_loss"] += loss.sum().item()
+        sums["eval_acc"] += (rc > rr).float().sum().item()
+        sums["eval_margin"] += (rc - rr).sum().item()
+    model.train()
+    return {k: v / max(len(eval_pairs), 1) for k, v in sums.items()}
+
+
+def save(folder):
+    common.save_training_state(folder, model, "dpo", optimizer, {
+        "step": step, "total_steps": total_steps, "pairs_consumed": step * pairs_per_step,
+        "epoch": step * pairs_per_step / len(pairs), "history": log.history, "config": to_dict(cfg)})
+    common.prune_checkpoints(out_dir, cfg.keep_last)
+
+
+# -----------------------------------------------------------------------------
+# Training loop.
+
+stop = common.StopRequest()
+model.train()
+t_start, t_last, tokens_since, start_step = time.time(), time.time(), 0, step
+while step < total_steps:
+    lr = common.lr_at(step, cfg, total_steps)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    idx = pairs_for_step(step)
+    m = {"loss": 0.0, "reward_acc": 0.0, "reward_chosen": 0.0, "reward_rejected": 0.0, "margin": 0.0}
+    for i in range(0, len(idx), cfg.micro_batch_size):
+        batch = [pairs[j] for j in idx[i:i + cfg.micro_batch_size]]
+        policy, ref = forward_logps(batch)
+        loss, rc, rr = common.dpo_loss(policy[0::2], policy[1::2], ref[0::2], ref[1::2], cfg.beta)
+        (loss.sum() / len(idx)).backward()  # mean over the step's pairs
+        m["loss"] += loss.sum().item() / len(idx)
+        m["reward_acc"] += (rc > rr).float().sum().item() / len(idx)
+        m["reward_chosen"] += rc.sum().item() / len(idx)
+        m["reward_rejected"] += rr.sum().item() / len(idx)
+        m["margin"] += (rc - rr).sum().item() / len(idx)
+        tokens_since += sum(len(b[0]) + len(b[2]) for b in batch)
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    step += 1
+
+    record = {"step": step, **m, "lr": lr, "grad_norm": float(grad_norm)}
+    if step % cfg.eval_steps == 0 or step == total_steps:
+        record |= evaluate()
+    if step % cfg.log_steps == 0 or step == total_steps or "eval_loss" in record:
+        now = time.time()
+        tok_s = tokens_since / max(now - t_last, 1e-9)
+        eta = (now - t_start) / max(step - start_step, 1) * (total_steps - step)
+        record |= {"tok_s": tok_s, "mem_gib": common.memory_gib(device), "elapsed_s": now - t_start}
+        print(f"step {step:05d}/{total_steps:05d} ({100 * step / total_steps:.1f}%) | loss {m['loss']:.4f}"
+              f" | acc {m['reward_acc']:.2f} | chosen {m['reward_chosen']:+.3f} | rejected {m['reward_rejected']:+.3f}"
+              f" | margin {m['margin']:+.3f}"
+              + (f" | eval loss {record['eval_loss']:.4f} acc {record['eval_acc']:.2f}" if "eval_loss" in record else "")
+              + f" | lr {lr:.1e} | tok/s {tok_s:,.0f} | mem {record['mem_gib']:.1f} GiB | eta {common.fmt_duration(eta)}",
+              flush=True)
+        t_last, tokens_since = now, 0
+    log.log(record)
+    if step % cfg.save_steps == 0 or step == total_steps or stop.requested:
+        save(out_dir / f"step_{step:06d}")
+    if stop.requested:
+        stop.exit(resume_cmd)
+
+# -----------------------------------------------------------------------------
+# Final DPO adapter (the SFT adapter stays where it is; merge.py applies both).
+
+evals = [h for h in log.history if "eval_loss" in h]
+summary = {"steps": step, "final_loss": log.history[-1]["loss"] if log.history else None,
+           "final_eval_loss": evals[-1]["eval_loss"] if evals else None,
+           "final_eval_reward_acc": evals[-1]["eval_acc"] if evals else None,
+           "final_eval_margin": evals[-1]["eval_margin"] if evals else None,
+           "peak_mem_gib": common.memory_gib(device), "wall_s": time.time() - t_start}
+tensors, jsons = common.adapter_files(model, "dpo")
+common.write_checkpoint(final_dir, tensors, jsons | {"config.json": to_dict(cfg), "summary.json": summary})
+print("dpo done: " + " | ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in summary.items()))
+print(f"adapter: {cfg.output_dir}/final")

@@ -1,0 +1,135 @@
+"""
+Stage 3: merge the SFT and DPO adapters into the ORIGINAL fp16 base weights and write a
+standalone model (sharded .safetensors, config, tokenizer, generation config).
+
+    python merge.py                    # the real run (what `make merge` does), offline
+    python merge.py --preset demo
+
+Why not model.merge_and_unload() on the training model: that base is NF4, and merging into
+dequantized 4-bit weights bakes the quantization error into every layer. Here each
+original tensor gets   W' = W + (alpha_sft/r_sft) B_sft A_sft + (alpha_dpo/r_dpo) B_dpo A_dpo,
+computed in fp32 and stored in W's dtype, streaming one tensor at a time: peak CPU RAM is
+about one output shard (max_shard_gb), not the 26 GB model.
+"""
+
+import common  # first: offline switches
+
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from config import ASSISTANT, HUMAN, TURN_SEP, MergeConfig, parse_args, print_config, resolve, to_dict
+
+cfg = parse_args(MergeConfig, sys.argv[1:])
+print_config(cfg)
+base_dir, out_dir = resolve(cfg.model_dir), resolve(cfg.output_dir)
+if common.is_complete(out_dir):
+    print(f"merge: already complete ({cfg.output_dir}): nothing to do")
+    sys.exit(0)
+common.require_files(common.model_files(cfg.model_dir), "make download-datasets-and-models")
+for stage, folder in (("sft", cfg.sft_dir), ("dpo", cfg.dpo_dir)):
+    problems = common.verify_checkpoint(resolve(folder))  # hashes: never merge a corrupt adapter
+    if problems:
+        sys.exit(f"cannot merge: the {stage} adapter is not complete and intact ({'; '.join(problems)}); "
+                 f"run `make {stage}` first")
+
+# -----------------------------------------------------------------------------
+# The low-rank deltas, keyed by the base tensor they modify.
+
+deltas = {}  # base key -> list of (scale, B [out, r], A [r, in])
+for folder in (cfg.sft_dir, cfg.dpo_dir):
+    folder = resolve(folder)
+    acfg = json.loads((folder / "adapter_config.json").read_text())
+    r, alpha = acfg["r"], acfg["lora_alpha"]
+    scale = alpha / (r ** 0.5) if acfg.get("use_rslora") else alpha / r  # peft's own scaling rule
+    tensors = load_file(str(folder / "adapter_model.safetensors"))
+    for key, a in tensors.items():
+        if ".lora_A." not in key:
+            continue
+        # base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight -> model.layers.0.self_attn.q_proj.weight
+        target = key.removeprefix("base_model.model.").replace(".lora_A.weight", ".weight")
+        b = tensors[key.replace(".lora_A.", ".lora_B.")]
+        deltas.setdefault(target, []).append((scale, b, a))
+print(f"adapters: {len(deltas)} base tensors receive a low-rank update")
+
+index_path = base_dir / "model.safetensors.index.json"
+if index_path.is_file():
+    shard_names = sorted(set(json.loads(index_path.read_text())["weight_map"].values()))
+else:
+    shard_names = ["model.safetensors"]
+common.require_files([base_dir / s for s in shard_names], "make download-datasets-and-models")
+
+# -----------------------------------------------------------------------------
+# Stream: one base tensor in, merged, into the current output shard; flush at max_shard_gb.
+
+t0 = time.time()
+max_bytes = int(cfg.max_shard_gb * 1e9)
+with common.AtomicFolder(out_dir) as tmp:
+    shard, shard_bytes, shards, weight_map, merged = {}, 0, [], {}, set()
+
+    def flush():
+        global shard, shard_bytes
+        name = f"model-{len(shards) + 1:05d}.safetensors"
+        save_file(shard, str(tmp / name), metadata={"format": "pt"})
+        shards.append(name)
+        weight_map.update({k: name for k in shard})
+        shard, shard_bytes = {}, 0
+
+    for shard_name in shard_names:
+        with safe_open(str(base_dir / shard_name), framework="pt") as f:
+            for key in f.keys():
+                w = f.get_tensor(key)
+                if key in deltas:
+                    acc = w.float()
+                    for scale, b, a in deltas[key]:
+                        acc += scale * (b.float() @ a.float())  # [out, r] @ [r, in] in fp32
+                    w = acc.to(w.dtype)  # back to the original dtype (fp16 for Llama-2)
+                    merged.add(key)
+                nbytes = w.numel() * w.element_size()
+                if shard and shard_bytes + nbytes > max_bytes:
+                    flush()
+                shard[key], shard_bytes = w.contiguous(), shard_bytes + nbytes
+    if shard:
+        flush()
+    missing = set(deltas) - merged
+    if missing:
+        raise SystemExit(f"adapter tensors match no base weight (wrong base model?): {sorted(missing)[:3]}")
+    # rename to the usual -of-N names now that N is known
+    total = len(shards)
+    final_names = {s: f"model-{i + 1:05d}-of-{total:05d}.safetensors" for i, s in enumerate(shards)}
+    for old, new in final_names.items():
+        (tmp / old).rename(tmp / new)
+    total_size = sum((tmp / n).stat().st_size for n in final_names.values())
+    (tmp / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {"total_size": total_size}, "weight_map": {k: final_names[v] for k, v in sorted(weight_map.items())}},
+        indent=2))
+
+    # config and tokenizer files travel with the model; added_tokens.json does not: its
+    # "<pad>" = 32000 points past the 32000-row embedding
+    for name in ("config.json", "generation_config.json", "tokenizer.model", "special_tokens_map.json"):
+        if (base_dir / name).is_file():
+            shutil.copy2(base_dir / name, tmp / name)
+    tok_cfg_path = base_dir / "tokenizer_config.json"
+    tok_cfg = json.loads(tok_cfg_path.read_text()) if tok_cfg_path.is_file() else {}
+    tok_cfg.pop("added_tokens_decoder", None)
+    if tok_cfg.get("pad_token") in ("<pad>", {"content": "<pad>"}):
+        tok_cfg.pop("pad_token")
+    # the prompt format as a chat template, so apply_chat_template / llama.cpp servers use the contract
+    tok_cfg["chat_template"] = (
+        "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}"
+        + HUMAN + "{{ m['content'] }}" + TURN_SEP
+        + "{% elif m['role'] == 'assistant' %}" + ASSISTANT + "{{ m['content'] }}{{ eos_token }}"
+        + TURN_SEP + "{% endif %}{% endfor %}{% if add_generation_prompt %}"
+        + ASSISTANT + "{% endif %}")
+    (tmp / "tokenizer_config.json").write_text(json.dumps(tok_cfg, indent=2))
+    (tmp / "merge_config.json").write_text(json.dumps(to_dict(cfg), indent=2))
+
+print(f"merged {len(merged)} tensors into {total} shard(s), {total_size / 1e9:.2f} GB, "
+      f"in {time.time() - t0:.1f}s; peak RSS {common.memory_gib(torch.device('cpu')):.2f} GiB")
+print(f"standalone model: {cfg.output_dir}  (sha256 of every file in COMPLETE.json)")

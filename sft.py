@@ -1,0 +1,237 @@
+"""
+Stage 1: QLoRA supervised finetuning of Llama-2-13B on Airoboros gpt4-1.4.1.
+
+    python sft.py                      # the real run (what `make sft` does), offline
+    python sft.py --preset demo        # the 2-layer CPU demo
+    python sft.py --prepare-only       # data preparation and its report only
+    python sft.py --help               # every field with its default
+
+The base is frozen in NF4; a rank-128 LoRA on all seven linear layers is trained on
+examples `### Human:\\n{instruction}\\n\\n### Assistant:\\n{response}</s>`, packed into
+2048-token rows without cross-example attention, loss on the response + EOS only.
+Re-running the same command resumes from the newest complete checkpoint, exactly.
+Output: <output_dir>/final/adapter_model.safetensors (+ adapter_config.json).
+"""
+
+import common  # first: switches the HF libraries to offline before they are imported
+
+import math
+import random
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+from common import IGNORE, DataReport, Tokenizer
+from config import SFTConfig, parse_args, print_config, resolve, to_dict
+
+cfg, switches = parse_args(SFTConfig, sys.argv[1:], flags=[("--prepare-only", "prepare the data, write data_report.json, stop")])
+prepare_only = "--prepare-only" in switches
+print_config(cfg)
+out_dir, final_dir = resolve(cfg.output_dir), resolve(cfg.output_dir) / "final"
+resume_cmd = " ".join(["python"] + sys.argv)
+if common.is_complete(final_dir) and not prepare_only:
+    print(f"sft: already complete ({cfg.output_dir}/final): nothing to do. "
+          f"Use a new --output_dir (or delete that folder) to train again.")
+    sys.exit(0)
+data_path = resolve(cfg.data_dir) / "instructions.jsonl"
+fix = "python demo_assets.py" if "demo" in cfg.model_dir else "make download-datasets-and-models"
+common.require_files(common.model_files(cfg.model_dir) + [data_path], fix)
+ckpt = common.find_resume(out_dir, cfg)  # before any heavy work: a mismatch costs a second
+out_dir.mkdir(parents=True, exist_ok=True)
+common.save_json(out_dir / "config.json", to_dict(cfg))
+
+# -----------------------------------------------------------------------------
+# Data: read, validate, format, tokenize, hold out 0.5%, pack.
+
+tok = Tokenizer(cfg.model_dir)
+report = DataReport("airoboros-gpt4-1.4.1 (sft)")
+instructions, responses = [], []
+for lineno, row in common.read_jsonl(data_path, report):
+    where = f"{data_path.name}:{lineno}"
+    ins, resp = row.get("instruction"), row.get("response")
+    if not isinstance(ins, str) or not isinstance(resp, str):
+        report.drop("missing or non-string instruction/response", where, bad=True)
+        continue
+    if not ins.strip() or not resp.strip():
+        report.drop("empty instruction or response", where, bad=True)
+        continue
+    # strip: leading/trailing whitespace is formatting noise, and "the reply" must be exact
+    instructions.append(ins.strip())
+    responses.append(resp.strip())
+report.check_bad_share(cfg.max_bad_fraction, data_path)
+
+prompt_ids = tok.encode(common.format_prompt([i]) for i in instructions)  # batched, C++ threads
+reply_ids = tok.encode(responses)
+examples = []
+for p, r in zip(prompt_ids, reply_ids):
+    ids, labels, truncated = common.build_example(p, r, tok.eos_id, tok.bos_id, cfg.max_seq_len)
+    report.lengths_before.append(1 + len(p) + len(r) + 1)
+    report.lengths_after.append(len(ids))
+    report.truncated += truncated
+    if sum(l != IGNORE for l in labels) == 0:
+        report.drop("prompt alone fills max_seq_len", f"record {len(examples)}")
+        continue
+    examples.append((ids, labels))
+report.kept = len(examples)
+
+# Deterministic held-out split (by seed), so eval loss is comparable across resumes and runs.
+order = list(range(len(examples)))
+random.Random(cfg.seed).shuffle(order)
+n_eval = max(1, round(cfg.eval_fraction * len(examples))) if cfg.eval_fraction > 0 else 0
+eval_idx, train_idx = sorted(order[:n_eval]), sorted(order[n_eval:])
+
+
+def pack(indices):
+    """Best-fit-decreasing packing -> tensors [rows, max_seq_len] of ids, labels, positions,
+    and [rows] of real (non-padding) tokens per row."""
+    bins = common.pack_best_fit([len(examples[i][0]) for i in indices], cfg.max_seq_len)
+    rows = [common.make_packed_row([examples[indices[j]] for j in b], cfg.max_seq_len, tok.pad_id) for b in bins]
+    real = torch.tensor([sum(len(examples[indices[j]][0]) for j in b) for b in bins])
+    return [torch.tensor([r[k] for r in rows], dtype=torch.int64) for k in range(3)] + [real]
+
+
+train_ids, train_labels, train_pos, train_real = pack(train_idx)
+eval_ids, eval_labels, eval_pos, _ = pack(eval_idx) if eval_idx else (None, None, None, None)
+real_tokens = int(train_real.sum())
+report.extra = {"train_examples": len(train_idx), "eval_examples": len(eval_idx), "train_rows": len(train_ids),
+                "packing_efficiency": round(real_tokens / train_ids.numel(), 4) if len(train_ids) else 0.0}
+report.print()
+common.save_json(out_dir / "data_report.json", report.to_dict())
+if prepare_only:
+    print(f"data report written to {cfg.output_dir}/data_report.json")
+    sys.exit(0)
+if len(train_ids) == 0:
+    sys.exit(f"{data_path}: no usable training examples")
+
+# -----------------------------------------------------------------------------
+# Model: NF4 base + LoRA on every linear layer. Seeded before LoRA init (A is random, B = 0).
+
+from peft import get_peft_model  # noqa: E402  (after the data: a data error costs seconds, not a model load)
+
+device = common.pick_device()
+if device.type == "cuda":
+    torch.backends.cuda.matmul.allow_tf32 = True  # TF32 for the fp32 bits (LoRA math, norms): free speed on Ampere+
+    torch.backends.cudnn.allow_tf32 = True
+torch.manual_seed(cfg.seed)
+model = common.load_base_model(cfg.model_dir, cfg, device)
+model = get_peft_model(model, common.lora_config(cfg), adapter_name="sft")
+params = common.trainable_parameters(model)
+n_trainable = sum(p.numel() for p in params)
+print(f"model: {cfg.model_dir} on {device} ({common.pick_dtype(cfg.dtype, device)}), "
+      f"{n_trainable / 1e6:.1f}M trainable LoRA params")
+optimizer = common.make_optimizer(params, cfg)
+
+rows_per_step = cfg.micro_batch_size * cfg.grad_accum
+total_steps = cfg.max_steps if cfg.max_steps > 0 else math.ceil(cfg.num_epochs * len(train_ids) / rows_per_step)
+
+# -----------------------------------------------------------------------------
+# Resume: adapter, optimizer, RNG streams, data position and metric history.
+
+step, history = 0, []
+if ckpt is not None:
+    state = common.load_training_state(ckpt, model, "sft", optimizer)
+    step, history = state["step"], state["history"]
+    print(f"resumed from {ckpt.relative_to(out_dir.parent)} at step {step}/{total_steps}")
+log = common.MetricLog(out_dir, history)
+
+
+def epoch_order(epoch):
+    # each epoch a fresh permutation, a pure function of (seed, epoch): the data position
+    # after a resume is just the step count, no sampler state to save
+    return torch.randperm(len(train_ids), generator=torch.Generator().manual_seed(cfg.seed * 1000 + epoch))
+
+
+def rows_for_step(s):
+    """Row indices of optimizer step s: positions s*rows_per_step... of the endless epoch stream."""
+    start = s * rows_per_step
+    return [epoch_order(p // len(train_ids))[p % len(train_ids)].item() for p in range(start, start + rows_per_step)]
+
+
+def loss_sum(ids, labels, pos):
+    """Summed next-token cross-entropy over labelled tokens (reply + EOS) and their count."""
+    logits = model(input_ids=ids.to(device), position_ids=pos.to(device), use_cache=False).logits
+    targets = labels[:, 1:].to(device)  # token t is predicted from position t-1
+    loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE, reduction="sum")
+    return loss, (targets != IGNORE).sum().item()
+
+
+@torch.no_grad()
+def evaluate():
+    if eval_ids is None:
+        return float("nan")
+    model.eval()
+    total, count = 0.0, 0
+    n = len(eval_ids) if cfg.eval_max_rows == 0 else min(cfg.eval_max_rows, len(eval_ids))
+    for i in range(0, n, cfg.micro_batch_size):
+        s, c = loss_sum(eval_ids[i:i + cfg.micro_batch_size], eval_labels[i:i + cfg.micro_batch_size],
+                        eval_pos[i:i + cfg.micro_batch_size])
+        total, count = total + s.item(), count + c
+    model.train()
+    return total / max(count, 1)
+
+
+def save(folder):
+    common.save_training_state(folder, model, "sft", optimizer, {
+        "step": step, "total_steps": total_steps, "rows_consumed": step * rows_per_step,
+        "epoch": step * rows_per_step / len(train_ids), "history": log.history, "config": to_dict(cfg)})
+    common.prune_checkpoints(out_dir, cfg.keep_last)
+
+
+# -----------------------------------------------------------------------------
+# Training loop: grad accumulation over micro-batches, one optimizer step, log/eval/save.
+
+stop = common.StopRequest()
+model.train()
+t_start, t_last, tokens_since, start_step = time.time(), time.time(), 0, step
+while step < total_steps:
+    lr = common.lr_at(step, cfg, total_steps)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    rows = rows_for_step(step)
+    # normalise by the labelled tokens of the WHOLE step, not per micro-batch: every reply
+    # token weighs the same however the examples landed in rows
+    n_labelled = int((train_labels[rows][:, 1:] != IGNORE).sum())
+    step_loss = 0.0
+    for i in range(0, len(rows), cfg.micro_batch_size):
+        mb = rows[i:i + cfg.micro_batch_size]
+        loss, _ = loss_sum(train_ids[mb], train_labels[mb], train_pos[mb])
+        (loss / n_labelled).backward()
+        step_loss += loss.item() / n_labelled
+        tokens_since += int(train_real[mb].sum())  # real tokens only: padding is not throughput
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    step += 1
+
+    record = {"step": step, "loss": step_loss, "lr": lr, "grad_norm": float(grad_norm)}
+    if step % cfg.eval_steps == 0 or step == total_steps:
+        record["eval_loss"] = evaluate()
+    if step % cfg.log_steps == 0 or step == total_steps or "eval_loss" in record:
+        now = time.time()
+        tok_s = tokens_since / max(now - t_last, 1e-9)
+        eta = (now - t_start) / max(step - start_step, 1) * (total_steps - step)
+        record |= {"tok_s": tok_s, "mem_gib": common.memory_gib(device), "elapsed_s": now - t_start}
+        print(f"step {step:05d}/{total_steps:05d} ({100 * step / total_steps:.1f}%) | loss {step_loss:.4f}"
+              + (f" | eval {record['eval_loss']:.4f}" if "eval_loss" in record else "")
+              + f" | lr {lr:.1e} | gnorm {float(grad_norm):.3f} | tok/s {tok_s:,.0f}"
+              + f" | mem {record['mem_gib']:.1f} GiB | eta {common.fmt_duration(eta)}", flush=True)
+        t_last, tokens_since = now, 0
+    log.log(record)
+    if step % cfg.save_steps == 0 or step == total_steps or stop.requested:
+        save(out_dir / f"step_{step:06d}")
+    if stop.requested:
+        stop.exit(resume_cmd)
+
+# -----------------------------------------------------------------------------
+# Final adapter: what dpo.py and merge.py read. Marker written last, like every checkpoint.
+
+evals = [h["eval_loss"] for h in log.history if "eval_loss" in h]
+summary = {"steps": step, "final_train_loss": log.history[-1]["loss"] if log.history else None,
+           "final_eval_loss": evals[-1] if evals else None, "best_eval_loss": min(evals) if evals else None,
+           "peak_mem_gib": common.memory_gib(device), "wall_s": time.time() - t_start}
+tensors, jsons = common.adapter_files(model, "sft")
+common.write_checkpoint(final_dir, tensors, jsons | {"config.json": to_dict(cfg), "summary.json": summary})
+print("sft done: " + " | ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in summary.items()))
+print(f"adapter: {cfg.output_dir}/final")

@@ -1,0 +1,69 @@
+"""Shared test fixtures: the demo assets built once per session into a temporary folder,
+helpers to run the real stage scripts as subprocesses, and the real Llama-2 tokenizer
+from ../shared/fixtures (tests that need it skip when that folder is absent)."""
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+FIXTURES = ROOT.parent / "shared" / "fixtures"
+
+
+def run(script, *args, check=True, timeout=600):
+    """Run a repo script with this interpreter; returns CompletedProcess (stdout+stderr merged)."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    p = subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], cwd=ROOT, env=env,
+                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=timeout)
+    if check and p.returncode != 0:
+        raise AssertionError(f"{script} {' '.join(map(str, args))} exited {p.returncode}:\n{p.stdout[-4000:]}")
+    return p
+
+
+@pytest.fixture(scope="session")
+def demo_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("demo")
+    run("demo_assets.py", "--out", root)
+    return root
+
+
+def stage_args(root, stage, **over):
+    """--preset demo with every path pointed into `root` (never the repo's own folders)."""
+    paths = {
+        "sft": dict(model_dir=root / "models/demo-llama", data_dir=root / "data/demo/airoboros",
+                    output_dir=root / "checkpoints/sft"),
+        "dpo": dict(model_dir=root / "models/demo-llama", data_dir=root / "data/demo/hh-rlhf",
+                    sft_dir=root / "checkpoints/sft/final", output_dir=root / "checkpoints/dpo"),
+        "merge": dict(model_dir=root / "models/demo-llama", sft_dir=root / "checkpoints/sft/final",
+                      dpo_dir=root / "checkpoints/dpo/final", output_dir=root / "models/merged"),
+    }[stage]
+    paths.update(over)
+    args = ["--preset", "demo"]
+    for k, v in paths.items():
+        args += [f"--{k}", v]
+    return args
+
+
+@pytest.fixture(scope="session")
+def pipeline(demo_root):
+    """SFT -> DPO -> merge on the demo model, once per session. Returns the root folder."""
+    out = {}
+    for stage in ("sft", "dpo", "merge"):
+        out[stage] = run(f"{stage}.py", *stage_args(demo_root, stage)).stdout
+    return demo_root, out
+
+
+@pytest.fixture(scope="session")
+def llama_tokenizer(tmp_path_factory):
+    src = FIXTURES / "llama2-tokenizer.model"
+    if not src.is_file():
+        pytest.skip("../shared/fixtures/llama2-tokenizer.model not present (only in the team's checkout)")
+    folder = tmp_path_factory.mktemp("llama2-tok")
+    shutil.copy(src, folder / "tokenizer.model")
+    import common
+    return common.Tokenizer(folder)

@@ -1,0 +1,155 @@
+"""Protects the recipe end to end on the 2-layer demo Llama (real NF4 QLoRA path, CPU):
+SFT -> DPO -> merge -> chat; only .safetensors/.json in outputs; parameters really train;
+DPO starts at exactly ln 2 (reference == policy at step 0) and its loss matches a hand
+computation; merged logits == base + adapters; a re-run resumes from the newest checkpoint
+and lands on the same adapter as an uninterrupted run.
+
+    .venv/bin/python -m pytest -q tests/test_pipeline.py
+"""
+
+import json
+import math
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import common
+from conftest import run, stage_args
+
+SAFE_SUFFIXES = {".safetensors", ".json", ".jsonl"}
+
+
+def test_outputs_are_only_safetensors_and_json(pipeline):
+    root, _ = pipeline
+    for folder in (root / "checkpoints", root / "models/merged"):
+        files = [p for p in folder.rglob("*") if p.is_file()]
+        assert files
+        assert {p.suffix for p in files} - {".model"} <= SAFE_SUFFIXES, sorted({p.suffix for p in files})
+    step = sorted((root / "checkpoints/sft").glob("step_*"))[-1]
+    assert sorted(p.name for p in step.iterdir()) == [
+        "COMPLETE.json", "adapter_config.json", "adapter_model.safetensors", "optimizer.json",
+        "optimizer.safetensors", "rng.safetensors", "trainer_state.json"]
+    assert not common.verify_checkpoint(step)
+    for stage in ("sft", "dpo"):
+        assert (root / f"checkpoints/{stage}/config.json").is_file()
+        assert (root / f"checkpoints/{stage}/data_report.json").is_file()
+
+
+def test_adapters_actually_trained(pipeline):
+    root, _ = pipeline
+    for stage in ("sft", "dpo"):
+        t = load_file(root / f"checkpoints/{stage}/final/adapter_model.safetensors")
+        b = [v for k, v in t.items() if "lora_B" in k]
+        assert len(b) == 14  # 7 projections x 2 layers
+        assert all(v.abs().max() > 0 for v in b), "LoRA B starts at zero: it must have moved"
+
+
+def test_sft_loss_goes_down(pipeline):
+    root, _ = pipeline
+    hist = [json.loads(line) for line in open(root / "checkpoints/sft/metrics.jsonl")]
+    assert hist[-1]["step"] == len(hist)
+    first, last = hist[0]["loss"], sum(h["loss"] for h in hist[-5:]) / 5
+    assert last < first - 0.3, (first, last)
+
+
+def test_dpo_starts_at_ln2_and_learns(pipeline):
+    root, out = pipeline
+    hist = [json.loads(line) for line in open(root / "checkpoints/dpo/metrics.jsonl")]
+    # step 1: the DPO adapter is zero, so policy == reference and every pair's loss is -log sigmoid(0)
+    assert hist[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert hist[0]["reward_chosen"] == pytest.approx(0, abs=1e-6)
+    assert hist[-1]["eval_acc"] > 0.5 and hist[-1]["eval_margin"] > 0
+    assert "prompts differ" in out["dpo"] or "identical chosen and rejected" in out["dpo"]
+
+
+def test_dpo_loss_matches_hand_computation():
+    pc, pr = torch.tensor([-10.0, -20.0]), torch.tensor([-12.0, -18.0])
+    rc, rr = torch.tensor([-11.0, -20.0]), torch.tensor([-11.0, -19.0])
+    loss, chosen, rejected = common.dpo_loss(pc, pr, rc, rr, beta=0.1)
+    # pair 0: 0.1*((-10+11) - (-12+11)) = 0.2 ; pair 1: 0.1*((-20+20) - (-18+19)) = -0.1
+    assert loss.tolist() == pytest.approx([-math.log(1 / (1 + math.exp(-0.2))), -math.log(1 / (1 + math.exp(0.1)))], abs=1e-6)
+    assert chosen.tolist() == pytest.approx([0.1, 0.0]) and rejected.tolist() == pytest.approx([-0.1, 0.1])
+
+
+def test_sequence_logps_sums_only_labelled_tokens():
+    logits = torch.randn(1, 6, 11)
+    labels = torch.tensor([[-100, 3, 4, -100, -100, 7]])
+    seq = torch.tensor([[0, 0, 0, 1, 1, 1]])
+    got = common.sequence_logps(logits, labels, seq, 2)
+    lp = torch.log_softmax(logits[0], -1)
+    assert got.tolist() == pytest.approx([(lp[0, 3] + lp[1, 4]).item(), lp[4, 7].item()], abs=1e-5)
+
+
+def test_merged_logits_equal_base_plus_adapters(pipeline):
+    """The merged fp32 model must equal the unquantized base with both adapters active."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+    root, _ = pipeline
+    base = AutoModelForCausalLM.from_pretrained(root / "models/demo-llama", dtype=torch.float32)
+    model = PeftModel.from_pretrained(base, root / "checkpoints/sft/final", adapter_name="sft")
+    model.load_adapter(root / "checkpoints/dpo/final", adapter_name="dpo")
+    common.set_active_adapters(model, ["sft", "dpo"])
+    merged = AutoModelForCausalLM.from_pretrained(root / "models/merged", dtype=torch.float32)
+    ids = torch.randint(3, 500, (2, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        a = model.eval()(input_ids=ids).logits
+        b = merged.eval()(input_ids=ids).logits
+        common.set_active_adapters(model, [])
+        c = model(input_ids=ids).logits
+    torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-4)
+    assert (c - a).abs().max() > 1e-3  # the adapters do change the model: the check has teeth
+    assert not common.verify_checkpoint(root / "models/merged")
+    assert len(list((root / "models/merged").glob("model-*-of-*.safetensors"))) > 1  # sharded
+
+
+def test_chat_answers_from_the_merged_model(pipeline):
+    root, _ = pipeline
+    p = run("chat.py", "--preset", "demo", "--model_dir", root / "models/merged", "--prompt", "What is 2 + 3?",
+            "--max_new_tokens", "8")
+    assert "### Assistant:" in p.stdout
+
+
+def test_rerun_after_finish_does_nothing(pipeline):
+    root, _ = pipeline
+    for stage in ("sft", "dpo", "merge"):
+        p = run(f"{stage}.py", *stage_args(root, stage))
+        assert "already complete" in p.stdout and "Loading weights" not in p.stdout
+
+
+def test_dpo_refuses_incomplete_sft(demo_root, tmp_path):
+    p = run("dpo.py", *stage_args(demo_root, "dpo", sft_dir=tmp_path / "nope", output_dir=tmp_path / "dpo"), check=False)
+    assert p.returncode != 0 and "run `make sft` first" in p.stdout
+
+
+def test_resume_matches_uninterrupted_run(demo_root, tmp_path):
+    """Kill-free version of an interruption: drop everything after step 2 and re-run the same
+    command. Losses and the final adapter must match the uninterrupted run (fp32, with dropout
+    on, so the RNG streams must be restored too)."""
+    common_args = ["--max_steps", "6", "--save_steps", "2", "--keep_last", "5", "--lora_dropout", "0.1",
+                   "--log_steps", "1", "--num_epochs", "1"]
+    full = tmp_path / "full"
+    run("sft.py", *stage_args(demo_root, "sft", output_dir=full), *common_args)
+    part = tmp_path / "part"
+    shutil.copytree(full, part)
+    for name in ("final", "step_000004", "step_000006"):
+        shutil.rmtree(part / name)
+    p = run("sft.py", *stage_args(demo_root, "sft", output_dir=part), *common_args)
+    assert "at step 2/6" in p.stdout
+    losses = lambda d: [json.loads(line)["loss"] for line in open(d / "metrics.jsonl")]
+    assert losses(part) == pytest.approx(losses(full), abs=1e-6)
+    a = load_file(full / "final/adapter_model.safetensors")
+    b = load_file(part / "final/adapter_model.safetensors")
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], atol=1e-6, rtol=0)
+
+
+def test_resume_refuses_changed_frozen_fields(demo_root, tmp_path):
+    out = tmp_path / "run"
+    run("sft.py", *stage_args(demo_root, "sft", output_dir=out), "--max_steps", "2", "--save_steps", "2")
+    shutil.rmtree(out / "final")
+    p = run("sft.py", *stage_args(demo_root, "sft", output_dir=out), "--max_steps", "4", "--lora_r", "4", check=False)
+    assert p.returncode != 0 and "lora_r: checkpoint 8 -> now 4" in p.stdout
+    p = run("sft.py", *stage_args(demo_root, "sft", output_dir=out), "--max_steps", "4", "--save_steps", "2")
+    assert "max_steps changed 2 -> 4 (allowed)" in p.stdout
