@@ -18,6 +18,7 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import bisect
+import errno
 import gzip
 import hashlib
 import json
@@ -271,6 +272,15 @@ def load_base_model(model_dir, cfg, device):
         resolve(model_dir), dtype=dtype, quantization_config=quant, device_map={"": str(device)},
         attn_implementation="sdpa")
     model.config.use_cache = False  # a KV cache is useless in training, and its presence disables packed masks
+    if quant and device.type == "cpu":
+        # bitsandbytes repacks 4-bit weights for a faster CPU kernel the first time a layer
+        # runs in eval mode without grad, and uses that kernel from then on. Its numerics
+        # differ slightly, so an eval would change every later training step (and a resumed
+        # run, which had no eval yet, would drift from the original). Keep one kernel.
+        import bitsandbytes as bnb
+        for m in model.modules():
+            if isinstance(m, bnb.nn.Linear4bit):
+                m.support_avx512bf16_for_cpu = False
     for p in model.parameters():
         p.requires_grad_(False)
     if cfg.gradient_checkpointing:
@@ -443,6 +453,21 @@ def set_rng_state(tensors, meta):
     np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
 
 
+_saves = 0  # saves begun by this process, for fault injection below
+
+
+def _fault(point):
+    """Test-only fault injection: QLORA_FAULT=<point>:<n> kills the process with SIGKILL (or,
+    for 'enospc', fails the write as a full disk would) at <point> of its n-th save. This is
+    how the tests prove a kill -9 or a full disk mid-save never costs the last good checkpoint."""
+    spec = os.environ.get("QLORA_FAULT", "")
+    if spec and spec.rsplit(":", 1) == [point, str(_saves)]:
+        if point == "enospc":
+            raise OSError(errno.ENOSPC, "No space left on device (injected)")
+        print(f"[fault injection] SIGKILL at {point} of save {_saves}", flush=True)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 class AtomicFolder:
     """`with AtomicFolder(final) as tmp:` write files into tmp; on success every file is
     fsynced and hashed into COMPLETE.json (written last), then tmp is renamed to `final`.
@@ -454,6 +479,8 @@ class AtomicFolder:
         self.tmp = self.folder.with_name(self.folder.name + ".tmp")
 
     def __enter__(self):
+        global _saves
+        _saves += 1
         if self.tmp.exists():
             shutil.rmtree(self.tmp)  # leftover of a save that was killed: never trusted
         self.tmp.mkdir(parents=True)
@@ -477,9 +504,11 @@ class AtomicFolder:
         for p in sorted(self.tmp.iterdir()):
             _fsync_path(p)
             hashes[p.name] = {"sha256": sha256_file(p), "bytes": p.stat().st_size}
+        _fault("before_marker")
         marker = self.tmp / "COMPLETE.json"
         marker.write_text(json.dumps({"files": hashes, "time": time.strftime("%Y-%m-%d %H:%M:%S")}, indent=2))
         _fsync_path(marker)
+        _fault("before_rename")
         if self.folder.exists():  # e.g. a rewritten final/: swap in, then delete the old one
             old = self.folder.with_name(self.folder.name + ".old")
             shutil.rmtree(old, ignore_errors=True)
@@ -496,6 +525,8 @@ def write_checkpoint(folder, tensor_files, json_files):
     with AtomicFolder(folder) as tmp:
         for name, tensors in tensor_files.items():
             save_file(tensors, str(tmp / name))
+            _fault("mid_write")
+            _fault("enospc")
         for name, obj in json_files.items():
             (tmp / name).write_text(json.dumps(obj, indent=2))
 
@@ -549,13 +580,13 @@ def step_folders(output_dir):
 
 def latest_checkpoint(output_dir):
     """Newest step folder that verifies; incomplete or corrupt ones are reported and skipped."""
+    for tmp in sorted(Path(output_dir).glob("*.tmp")):
+        print(f"ignoring incomplete save {tmp.name} (interrupted while writing; it is replaced by the next save)")
     for folder in reversed(step_folders(output_dir)):
         problems = verify_checkpoint(folder)
         if not problems:
             return folder
         print("skipping checkpoint: " + "; ".join(problems))
-    for tmp in Path(output_dir).glob("*.tmp"):
-        print(f"ignoring incomplete save {tmp} (interrupted while writing)")
     return None
 
 

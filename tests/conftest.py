@@ -15,9 +15,9 @@ sys.path.insert(0, str(ROOT))
 FIXTURES = ROOT.parent / "shared" / "fixtures"
 
 
-def run(script, *args, check=True, timeout=600):
+def run(script, *args, check=True, timeout=600, env=None):
     """Run a repo script with this interpreter; returns CompletedProcess (stdout+stderr merged)."""
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
     p = subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], cwd=ROOT, env=env,
                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=timeout)
     if check and p.returncode != 0:
