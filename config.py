@@ -205,7 +205,7 @@ PRESETS = {
     "demo": {
         SFTConfig: dict(_DEMO_COMMON, model_dir="models/demo-llama", data_dir="data/demo/airoboros",
                         output_dir="checkpoints/demo/sft", max_seq_len=256, lr=2e-3, num_epochs=2,
-                        max_steps=30, eval_fraction=0.05, lora_dropout=0.0),
+                        max_steps=60, eval_fraction=0.05, lora_dropout=0.0),
         DPOConfig: dict(_DEMO_COMMON, model_dir="models/demo-llama", data_dir="data/demo/hh-rlhf",
                         sft_dir="checkpoints/demo/sft/final", output_dir="checkpoints/demo/dpo",
                         max_len=192, max_prompt_len=128, max_pairs=0, eval_pairs=16, lr=1e-3,

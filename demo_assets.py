@@ -127,7 +127,32 @@ def write_tokenizer(records):
         {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}, indent=2))
 
 
-def write_model():
+def pretrain(model, records, steps=150):
+    """A few seconds of plain language-model training on the sample texts (no prompt format),
+    so the demo base 'knows the language' the way Llama-2 does, and the demo's SFT has
+    something to teach: the ### Human / ### Assistant format. Without it the demo model is
+    pure noise and its reply is too."""
+    import sentencepiece as spm
+    import torch
+    sp = spm.SentencePieceProcessor(model_file=str(MODEL_DIR / "tokenizer.model"))
+    texts = [f"{r['instruction']}\n{r['response']}" for r in records]
+    seqs = [torch.tensor([1] + ids + [2]) for ids in sp.encode(texts)]
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
+    g = torch.Generator().manual_seed(SEED)
+    model.train()
+    for step in range(steps):
+        batch = [seqs[i] for i in torch.randint(len(seqs), (8,), generator=g)]
+        ids = torch.nn.utils.rnn.pad_sequence(batch, batch_first=True, padding_value=0)
+        labels = ids.masked_fill(ids == 0, -100)
+        loss = model(input_ids=ids, attention_mask=(ids != 0).long(), labels=labels).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    print(f"demo base pretrained: {steps} steps, final loss {loss.item():.2f}")
+    model.eval()
+
+
+def write_model(records):
     import torch
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
     torch.manual_seed(SEED)
@@ -136,6 +161,7 @@ def write_model():
                          num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512,
                          rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
     model = LlamaForCausalLM(config).to(torch.float32)  # fp32 base: lets merge be checked tightly
+    pretrain(model, records)
     model.save_pretrained(MODEL_DIR, safe_serialization=True)
     GenerationConfig(bos_token_id=1, eos_token_id=2, do_sample=False, max_new_tokens=64).save_pretrained(MODEL_DIR)
 
@@ -148,7 +174,7 @@ def main():
     MODEL_DIR.mkdir(parents=True, exist_ok=True)
     records = write_data()
     write_tokenizer(records)
-    write_model()
+    write_model(records)
     marker.write_text(json.dumps({"seed": SEED}))
     print(f"demo assets built: {MODEL_DIR} and {DATA_DIR} "
           f"({len(records)} instructions, {len(HH_SUBSETS)} hh-rlhf subsets)")

@@ -84,7 +84,8 @@ def write_sources(path, hub, revision_override=None):
 
 
 def run(tmp_path, endpoint, *args, sources=None):
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGING"))}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGING", "TRANSFORMERS_"))}
+    # (the pytest process imported common.py, which sets the offline switches; they must not leak here)
     env.update(HF_ENDPOINT=endpoint, HF_HOME=str(tmp_path / "hf_home"), HF_HUB_DISABLE_PROGRESS_BARS="1",
                HF_HUB_DISABLE_TELEMETRY="1", HF_HUB_DISABLE_XET="1")
     cmd = [sys.executable, str(ROOT / "download.py"), "--root", str(tmp_path / "root"), *args]
