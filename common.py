@@ -406,26 +406,36 @@ def _fsync_path(path):
 
 def flatten_optimizer(optimizer):
     """optimizer.state_dict() -> (tensors, json). Works for torch AdamW and bitsandbytes'
-    8-bit / paged optimizers alike (their quantized states and scales are plain tensors)."""
+    8-bit / paged optimizers alike: bnb nests its quantized moments and block scales in a
+    dict per parameter, so nested dicts are walked; their path is joined with '/'."""
     sd = optimizer.state_dict()
     tensors, scalars = {}, {}
-    for idx, state in sd["state"].items():
-        for k, v in state.items():
-            if torch.is_tensor(v):
-                tensors[f"state.{idx}.{k}"] = v.detach().cpu().contiguous()
+
+    def walk(prefix, obj):
+        for k, v in obj.items():
+            path = f"{prefix}/{k}"
+            if isinstance(v, dict):
+                walk(path, v)
+            elif torch.is_tensor(v):
+                # a copy: bnb shares one quantization map between all params (safetensors refuses aliases)
+                tensors["state." + path] = v.detach().to("cpu", copy=True).contiguous()
             else:
-                scalars[f"{idx}.{k}"] = v
+                scalars[path] = v
+
+    for idx, state in sd["state"].items():
+        walk(str(idx), state)
     return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
 
 
 def unflatten_optimizer(tensors, meta):
     state = {}
-    for key, v in tensors.items():
-        _, idx, k = key.split(".", 2)
-        state.setdefault(int(idx), {})[k] = v
-    for key, v in meta["scalars"].items():
-        idx, k = key.split(".", 1)
-        state.setdefault(int(idx), {})[k] = v
+    items = [(k.removeprefix("state."), v) for k, v in tensors.items()] + list(meta["scalars"].items())
+    for path, v in items:
+        idx, *keys = path.split("/")
+        node = state.setdefault(int(idx), {})
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+        node[keys[-1]] = v
     return {"state": state, "param_groups": meta["param_groups"]}
 
 

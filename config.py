@@ -116,8 +116,8 @@ class SFTConfig:
     min_lr_ratio: float = 0.1  # cosine decays to lr * this
     warmup_steps: int = 50  # linear warmup from 0, in optimizer steps
     weight_decay: float = 0.0  # on adapter weights only; QLoRA used 0
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
+    adam_beta1: float = 0.9  # Adam first-moment decay
+    adam_beta2: float = 0.999  # Adam second-moment decay
     grad_clip: float = 0.3  # max global grad norm (QLoRA paper); 0 disables
     micro_batch_size: int = 1  # packed rows per forward pass; 1 x 2048 tokens fits 24 GB with checkpointing
     grad_accum: int = 16  # micro-steps per optimizer step: 16 x 2048 = 32k tokens per step
@@ -149,37 +149,37 @@ class DPOConfig:
     # DPO
     beta: float = 0.1  # KL strength: reward = beta * (log pi - log ref); lower = drift further from SFT
     # model (same meaning as SFT)
-    dtype: str = "auto"
-    quantize_4bit: bool = True
-    gradient_checkpointing: bool = True
+    dtype: str = "auto"  # same as SFT: auto = bf16 / fp16 on GPU, fp32 on CPU
+    quantize_4bit: bool = True  # NF4 + double quant base, as in SFT (the SFT adapter was trained against it)
+    gradient_checkpointing: bool = True  # recompute activations in backward: needed for 2 x 1536 tokens on 24 GB
     lora_r: int = 128  # the DPO adapter stacked on the frozen SFT adapter
-    lora_alpha: int = 16
+    lora_alpha: int = 16  # DPO adapter scale = alpha / r
     lora_dropout: float = 0.0  # 0: policy and reference must agree exactly at step 0 (TRL disables dropout for DPO too)
-    lora_targets: str = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
+    lora_targets: str = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"  # all 7 linear layers, like the SFT adapter
     # optimisation
-    optimizer: str = "paged_adamw_8bit"
+    optimizer: str = "paged_adamw_8bit"  # paged_adamw_8bit on GPU; adamw for exact fp32 on CPU
     lr: float = 2e-5  # DPO wants a much smaller step than SFT
-    min_lr_ratio: float = 0.1
-    warmup_steps: int = 50
-    weight_decay: float = 0.0
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    grad_clip: float = 1.0
+    min_lr_ratio: float = 0.1  # cosine decays to lr * this
+    warmup_steps: int = 50  # linear warmup, in optimizer steps
+    weight_decay: float = 0.0  # on the DPO adapter only
+    adam_beta1: float = 0.9  # Adam first-moment decay
+    adam_beta2: float = 0.999  # Adam second-moment decay
+    grad_clip: float = 1.0  # max global grad norm; 0 disables
     micro_batch_size: int = 1  # pairs per forward (each pair = chosen + rejected rows)
     grad_accum: int = 16  # pairs per optimizer step
-    num_epochs: int = 1
+    num_epochs: int = 1  # passes over the sampled pairs
     max_steps: int = -1  # -1 = num_epochs worth
-    log_steps: int = 10
-    eval_steps: int = 200
-    save_steps: int = 200
-    keep_last: int = 2
+    log_steps: int = 10  # print and log every N optimizer steps
+    eval_steps: int = 200  # reward accuracy / margin on eval_pairs every N steps (and at the end)
+    save_steps: int = 200  # resumable checkpoint every N optimizer steps
+    keep_last: int = 2  # complete checkpoints kept; the newest survives until a newer one is complete
 
 
 @dataclass(frozen=True)
 class MergeConfig:
     model_dir: str = BASE_MODEL.local_dir  # the ORIGINAL fp16 shards are merged into (never dequantized NF4)
     sft_dir: str = "checkpoints/sft/final"  # adapters are added in this order: SFT, then DPO
-    dpo_dir: str = "checkpoints/dpo/final"
+    dpo_dir: str = "checkpoints/dpo/final"  # the DPO adapter, applied on top of the SFT one
     output_dir: str = "models/Llama-2-13b-airoboros-dpo"  # standalone model folder
     max_shard_gb: float = 5.0  # output shard size; one shard is the peak extra CPU RAM of the merge
     seed: int = 1337  # unused by the merge itself; kept so every stage records one
@@ -189,11 +189,11 @@ class MergeConfig:
 class ChatConfig:
     model_dir: str = "models/Llama-2-13b-airoboros-dpo"  # merged model folder
     prompt: str = ""  # one-shot prompt; empty = interactive
-    max_new_tokens: int = 256
+    max_new_tokens: int = 256  # reply length cap in tokens
     temperature: float = 0.7  # 0 = greedy
-    top_p: float = 0.9
-    seed: int = 1337
-    dtype: str = "auto"
+    top_p: float = 0.9  # nucleus sampling: smallest token set with this much probability
+    seed: int = 1337  # sampling seed
+    dtype: str = "auto"  # auto = bf16 on GPU, fp32 on CPU
 
 
 # The demo preset: the same scripts on a 2-layer Llama and generated sample data

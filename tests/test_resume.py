@@ -161,3 +161,21 @@ def test_retention_keeps_the_newest(demo_root, tmp_path):
     out = tmp_path / "run"
     run("sft.py", *stage_args(demo_root, "sft", output_dir=out), "--max_steps", "8", "--save_steps", "2", "--keep_last", "2")
     assert [p.name for p in common.step_folders(out)] == ["step_000006", "step_000008"]
+
+
+def test_8bit_optimizer_state_resumes_exactly(demo_root, tmp_path):
+    """bitsandbytes' 8-bit AdamW (the paged variant's state is the same, in unified memory):
+    its uint8 moments and block scales must round-trip through safetensors bit for bit.
+    lora_r 32 makes each LoRA matrix 4,096 values, bitsandbytes' threshold for 8-bit state."""
+    args = ["--optimizer", "adamw_8bit", "--lora_r", "32", "--max_steps", "6", "--save_steps", "2",
+            "--keep_last", "5", "--log_steps", "1"]
+    full, part = tmp_path / "full", tmp_path / "part"
+    run("sft.py", *stage_args(demo_root, "sft", output_dir=full), *args)
+    state = load_file(full / "step_000002/optimizer.safetensors")
+    assert any(v.dtype == torch.uint8 for v in state.values()), "expected 8-bit optimizer moments"
+    shutil.copytree(full, part)
+    for name in ("final", "step_000004", "step_000006"):
+        shutil.rmtree(part / name)
+    p = run("sft.py", *stage_args(demo_root, "sft", output_dir=part), *args)
+    assert "at step 2/6" in p.stdout
+    assert_same_run(full, part)
