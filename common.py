@@ -19,6 +19,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import bisect
 import errno
+import functools
 import gzip
 import hashlib
 import json
@@ -253,6 +254,18 @@ def make_packed_row(examples, capacity, pad_id):
         pos += range(len(x))
     pad = capacity - len(ids)
     return ids + [pad_id] * pad, labels + [IGNORE] * pad, pos + list(range(pad))
+
+
+@functools.lru_cache(maxsize=2)
+def _epoch_order(n, seed, epoch):
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1000 + epoch)).tolist()
+
+
+def stream_indices(n, seed, start, count):
+    """Items start..start+count of the endless stream epoch 0, epoch 1, ... over n items, each
+    epoch a permutation that is a pure function of (seed, epoch): the data position after a
+    resume is just the step count, no sampler state to save. Cached: one permutation per epoch."""
+    return [_epoch_order(n, seed, p // n)[p % n] for p in range(start, start + count)]
 
 
 # -----------------------------------------------------------------------------

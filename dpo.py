@@ -175,12 +175,8 @@ log = common.MetricLog(out_dir, history)
 
 
 def pairs_for_step(s):
-    """Pair indices of optimizer step s; each epoch a permutation that is a pure function of (seed, epoch)."""
-    out = []
-    for p in range(s * pairs_per_step, (s + 1) * pairs_per_step):
-        order = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(cfg.seed * 1000 + p // len(pairs)))
-        out.append(order[p % len(pairs)].item())
-    return out
+    """Pair indices of optimizer step s (see common.stream_indices: the order is a function of seed and step)."""
+    return common.stream_indices(len(pairs), cfg.seed, s * pairs_per_step, pairs_per_step)
 
 
 def forward_logps(batch):

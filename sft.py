@@ -137,16 +137,9 @@ if ckpt is not None:
 log = common.MetricLog(out_dir, history)
 
 
-def epoch_order(epoch):
-    # each epoch a fresh permutation, a pure function of (seed, epoch): the data position
-    # after a resume is just the step count, no sampler state to save
-    return torch.randperm(len(train_ids), generator=torch.Generator().manual_seed(cfg.seed * 1000 + epoch))
-
-
 def rows_for_step(s):
-    """Row indices of optimizer step s: positions s*rows_per_step... of the endless epoch stream."""
-    start = s * rows_per_step
-    return [epoch_order(p // len(train_ids))[p % len(train_ids)].item() for p in range(start, start + rows_per_step)]
+    """Row indices of optimizer step s (see common.stream_indices: the order is a function of seed and step)."""
+    return common.stream_indices(len(train_ids), cfg.seed, s * rows_per_step, rows_per_step)
 
 
 def loss_sum(ids, labels, pos):
