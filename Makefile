@@ -24,6 +24,10 @@ SFT_ARGS ?=
 DPO_ARGS ?=
 MERGE_ARGS ?=
 PROMPT ?= What is the capital of France?
+# 1 = verify hashes every file (slow), not only sizes
+FULL ?=
+# pip platform tag of the airgapped box for wheels/ (empty = this machine), e.g. manylinux_2_28_x86_64
+WHEELS_PLATFORM ?=
 PY := $(VENV)/bin/python
 
 ifeq ($(filter $(PRESET),full demo),)
@@ -33,7 +37,10 @@ endif
 # pip installs from wheels/ with no index at all when that folder exists (airgapped box)
 PIP_SOURCE := $(if $(wildcard wheels/*.whl),--no-index --find-links wheels,)
 
-.PHONY: help venv download-datasets-and-models demo-assets sft dpo merge train demo chat test clean-demo
+# what verify checks: download.py's manifest, or the one demo_assets.py writes
+MANIFEST := $(if $(filter demo,$(PRESET)),data/demo/manifest.json,manifest.json)
+
+.PHONY: help venv download-datasets-and-models verify demo-assets sft dpo merge train demo chat test bench-data clean-demo
 
 # List targets.  make help
 help:
@@ -48,14 +55,18 @@ $(VENV)/.installed: requirements.lock
 
 # Online, once: pinned model + datasets into models/ and data/.  make download-datasets-and-models
 download-datasets-and-models: venv
-	$(PY) download.py
+	$(PY) download.py $(if $(WHEELS_PLATFORM),--wheels_platform $(WHEELS_PLATFORM),)
+
+# Offline: every file of the manifest is present with its size (FULL=1: and sha256).  make verify FULL=1
+verify: venv
+	$(PY) verify.py --manifest $(MANIFEST) $(if $(FULL),--full,)
 
 # Generate the tiny demo model, tokenizer and sample data (offline, seconds).  make demo-assets
 demo-assets: venv
 	$(PY) demo_assets.py
 
 # Stage 1, QLoRA SFT on Airoboros; resumes from the newest checkpoint.  make sft SFT_ARGS="--max_steps 100"
-sft: venv
+sft: venv verify
 	$(PY) sft.py --preset $(PRESET) $(SFT_ARGS)
 
 # Stage 2, DPO on hh-rlhf from the SFT adapter; needs a complete SFT.  make dpo DPO_ARGS="--beta 0.2"
@@ -81,6 +92,10 @@ chat: venv
 # Run the test suite on CPU (a few minutes).  make test
 test: venv
 	$(PY) -m pytest -q tests
+
+# Data-preparation speed, cache and packing figures on full-size synthetic data (CPU).  make bench-data
+bench-data: venv
+	$(PY) bench_data.py
 
 # Remove demo outputs (not the real run's).  make clean-demo
 clean-demo:

@@ -22,6 +22,7 @@ import errno
 import functools
 import gzip
 import hashlib
+import itertools
 import json
 import math
 import random
@@ -162,15 +163,22 @@ class DataReport:
                 "tokens_after_truncation": pct(self.lengths_after), **self.extra}
 
     def print(self):
-        d = self.to_dict()
-        print(f"data report: {self.name}")
-        print(f"  rows read {d['rows_read']:,} | kept {d['rows_kept']:,} | truncated {d['rows_truncated']:,}")
-        for r, v in d["rows_dropped"].items():
-            print(f"  dropped {v['count']:>7,}  {r:<34} first at {v['first_lines']}")
-        for k in ("tokens_before_truncation", "tokens_after_truncation"):
-            if d[k]:
-                print(f"  {k:<26} " + " ".join(f"{q} {v:,}" for q, v in d[k].items()))
-        for k, v in self.extra.items():
+        print_report(self.to_dict())
+
+
+def print_report(d):
+    """The data report as a table (from its dict, so a cached report prints the same)."""
+    print(f"data report: {d['name']}")
+    print(f"  rows read {d['rows_read']:,} | kept {d['rows_kept']:,} | truncated {d['rows_truncated']:,}")
+    for r, v in d["rows_dropped"].items():
+        print(f"  dropped {v['count']:>7,}  {r:<34} first at {v['first_lines']}")
+    for k in ("tokens_before_truncation", "tokens_after_truncation"):
+        if d[k]:
+            print(f"  {k:<26} " + " ".join(f"{q} {v:,}" for q, v in d[k].items()))
+    known = ("name", "rows_read", "rows_kept", "rows_dropped", "rows_truncated",
+             "tokens_before_truncation", "tokens_after_truncation")
+    for k, v in d.items():
+        if k not in known:
             print(f"  {k:<26} {v}")
 
 
@@ -217,6 +225,133 @@ def split_hh(transcript):
     if not turns or not head.startswith("\n\nHuman:") or len(turns) % 2 == 0:
         return None  # must start with a human turn and alternate, ending on a human turn
     return turns, reply.strip()
+
+
+# -----------------------------------------------------------------------------
+# Prepared-data cache: tokenizing 160k pairs costs seconds to a minute; a resumed or
+# repeated run loads the result instead. The key is a fingerprint of everything the
+# result depends on, so a stale entry can never be used:
+#   the CONTENT of every input file and of tokenizer.model (not paths or mtimes: a folder
+#   copied to another box still hits), every setting that shapes the data, and the source
+#   of the code that prepares it (the stage script, common.py, config.py: an edit there
+#   costs one re-preparation, never a silently different dataset).
+
+
+def data_fingerprint(files, settings):
+    h = hashlib.sha256()
+    for f in files:
+        h.update(Path(f).name.encode() + b"\0" + sha256_file(f).encode())
+    h.update(json.dumps(settings, sort_keys=True, default=str).encode())
+    for src in (Path(sys.argv[0]), Path(__file__), Path(__file__).with_name("config.py")):
+        h.update(src.read_bytes() if src.is_file() else b"")
+    return h.hexdigest()[:20]
+
+
+def load_cached(cache_dir, key):
+    """(tensors, report dict) from a previous preparation, or None. A damaged entry (a crash
+    can't make one: it is renamed into place complete, but a disk can) is ignored and rebuilt."""
+    if not cache_dir:
+        return None
+    path = resolve(cache_dir) / f"{key}.safetensors"
+    if not path.is_file():
+        return None
+    try:
+        from safetensors import safe_open
+        with safe_open(str(path), framework="pt") as f:
+            report = json.loads(f.metadata()["report"])
+            tensors = {k: f.get_tensor(k).long() for k in f.keys()}  # stored int32, used as int64
+        return tensors, report
+    except Exception as e:  # noqa: BLE001  (any damage: rebuild)
+        print(f"data cache {path.name} unreadable ({type(e).__name__}), preparing again")
+        return None
+
+
+def save_cached(cache_dir, key, tensors, report):
+    if not cache_dir:
+        return
+    folder = resolve(cache_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / f"{key}.safetensors.tmp"
+    # int32 halves the file (ids < 32000, positions < 4096); tmp + rename: never half an entry
+    save_file({k: v.to(torch.int32).contiguous() for k, v in tensors.items()}, str(tmp),
+              metadata={"report": json.dumps(report)})
+    os.replace(tmp, folder / f"{key}.safetensors")
+
+
+def flatten_sequences(seqs):
+    """list of int lists -> (flat tensor, lengths tensor): how variable-length data is cached.
+    np.fromiter over a chain is ~5x faster than torch.tensor on a nested list (50M tokens: 1 s)."""
+    lengths = np.fromiter(map(len, seqs), dtype=np.int64, count=len(seqs))
+    flat = np.fromiter(itertools.chain.from_iterable(seqs), dtype=np.int64, count=int(lengths.sum()))
+    return torch.from_numpy(flat), torch.from_numpy(lengths)
+
+
+def unflatten_sequences(flat, lengths):
+    return [x.tolist() for x in torch.split(flat, lengths.tolist())] if len(lengths) else []
+
+
+def pairs_from_cache(data, name):
+    """DPO pairs (chosen ids, chosen labels, rejected ids, rejected labels) from the flat cached
+    tensors: labels are IGNORE over BOS + prompt (its length is cached), then the reply."""
+    chosen = unflatten_sequences(data[f"{name}_chosen"], data[f"{name}_chosen_len"])
+    rejected = unflatten_sequences(data[f"{name}_rejected"], data[f"{name}_rejected_len"])
+    return [(c, [IGNORE] * n + c[n:], r, [IGNORE] * n + r[n:])
+            for c, r, n in zip(chosen, rejected, data[f"{name}_prompt_len"].tolist())]
+
+
+def pack_pairs(batch):
+    """Pairs -> one padding-free row [chosen_0, rejected_0, chosen_1, ...] with per-sequence
+    position ids (no cross-sequence attention) and the sequence index of every token."""
+    ids, labels, pos, seq = [], [], [], []
+    for k, (c_ids, c_lab, r_ids, r_lab) in enumerate(batch):
+        for j, (x, y) in enumerate(((c_ids, c_lab), (r_ids, r_lab))):
+            ids += x
+            labels += y
+            pos += range(len(x))
+            seq += [2 * k + j] * len(x)
+    return [torch.tensor([v]) for v in (ids, labels, pos, seq)]
+
+
+def stage_data(stage_out_dir, stage):
+    """The exact prepared tensors a finished stage used (for eval.py): looked up in the data cache
+    by the key in its data_report.json, and accepted only if their digest is the one it trained on."""
+    out = Path(stage_out_dir)
+    report = json.loads((out / "data_report.json").read_text())
+    cfg = json.loads((out / "config.json").read_text())
+    hit = load_cached(cfg.get("cache_dir"), report.get("cache_key"))
+    if hit is None or data_digest(hit[0]) != report.get("data_digest"):
+        sys.exit(f"the prepared data of {out} is not in its cache ({cfg.get('cache_dir') or 'cache off'}); "
+                 f"rebuild it (seconds, no training) with the run's settings: "
+                 f"python {stage}.py --prepare-only --preset ... (the flags in {out / 'config.json'})")
+    return hit[0], report, cfg
+
+
+# -----------------------------------------------------------------------------
+# Hours before the first step. An ESTIMATE from arithmetic, printed with the data report so a
+# user sees the cost of a setting (epochs, pair budget) before committing a day to it:
+#   hours = tokens x FLOPs per token / (GPU bf16 peak x utilisation)
+# FLOPs per token for LoRA training with gradient checkpointing: forward 2N + recomputed
+# forward 2N + backward through activations 2N (the frozen base gets no weight gradient) +
+# the adapters' share ~0.5N = ~6.5N (84.6 GFLOP for 13B). DPO adds the reference forward: 8.5N.
+# Utilisation 35% is the 2023 recipe's MEASURED speed (683 tok/s on a 4090 = 683 x 84.6 GFLOP
+# = 35% of 165 TFLOP/s), so this is "as fast as the old recipe", not a promise; `make bench`
+# on a GPU gives the real tokens/s.
+
+GPU_PEAK_TFLOPS = {"RTX 4090": 165.0, "RTX 3090": 71.0}  # dense bf16 tensor-core peaks (REFERENCE.md)
+ASSUMED_MFU = 0.35
+
+
+def model_params(model_dir):
+    """Parameter count from config.json (Llama layout): 13.0e9 for Llama-2-13B."""
+    c = json.loads((resolve(model_dir) / "config.json").read_text())
+    h, i, layers, v = c["hidden_size"], c["intermediate_size"], c["num_hidden_layers"], c["vocab_size"]
+    kv = h * c.get("num_key_value_heads", c["num_attention_heads"]) // c["num_attention_heads"]
+    return layers * (2 * h * h + 2 * h * kv + 3 * h * i) + 2 * v * h
+
+
+def hours_estimate(tokens, flops_per_token):
+    return {f"{gpu} at {ASSUMED_MFU:.0%} MFU": round(tokens * flops_per_token / (peak * 1e12 * ASSUMED_MFU) / 3600, 1)
+            for gpu, peak in GPU_PEAK_TFLOPS.items()}
 
 
 # -----------------------------------------------------------------------------
@@ -635,6 +770,26 @@ def find_resume(output_dir, cfg):
     if ckpt is not None:
         check_resume_config(json.loads((ckpt / "trainer_state.json").read_text())["config"], cfg)
     return ckpt
+
+
+def data_digest(tensors):
+    """sha256 of the prepared data itself. Saved in every checkpoint and compared on resume:
+    what must not change is the data, not the code that made it (a fixed log line in sft.py
+    changes the cache key but not a single token, and must not block a resume)."""
+    h = hashlib.sha256()
+    for k in sorted(tensors):
+        h.update(k.encode() + tensors[k].to(torch.int64).contiguous().numpy().tobytes())
+    return h.hexdigest()[:20]
+
+
+def check_resume_data(ckpt, key):
+    """Same settings but different data (a re-downloaded or edited file): continuing would
+    mix two datasets under one data position. Refuse, naming both digests."""
+    saved = json.loads((Path(ckpt) / "trainer_state.json").read_text()).get("data_digest")
+    if saved is not None and saved != key:
+        sys.exit(f"cannot resume from {ckpt}: the prepared data changed since it was written "
+                 f"(data digest {saved} -> {key}: input files, tokenizer or preparation changed).\n"
+                 f"restore the original data, or use a new --output_dir to start a fresh run")
 
 
 def check_resume_config(saved, cfg):

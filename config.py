@@ -79,6 +79,14 @@ HH_RLHF = Source(
     local_dir="data/hh-rlhf",
 )
 
+# Llama-2-13B's config.json at the pinned revision (the fields that size the model): the
+# benchmarks build the real architecture from it with random weights, no download needed.
+LLAMA2_13B_CONFIG = dict(architectures=["LlamaForCausalLM"], model_type="llama", hidden_size=5120,
+                         intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40,
+                         num_key_value_heads=40, vocab_size=32000, max_position_embeddings=4096,
+                         rms_norm_eps=1e-5, rope_theta=10000.0, hidden_act="silu", bos_token_id=1,
+                         eos_token_id=2, tie_word_embeddings=False, torch_dtype="float16")
+
 SOURCES = {"model": BASE_MODEL, "airoboros": AIROBOROS, "hh-rlhf": HH_RLHF}
 
 # The prompt format is the model's contract (Guanaco style). One newline after
@@ -102,6 +110,7 @@ class SFTConfig:
     max_seq_len: int = 2048  # packed row length in tokens; longer examples are truncated (reply kept from the start)
     eval_fraction: float = 0.005  # 0.5% of records held out for eval loss
     max_bad_fraction: float = 0.01  # stop if more than this share of input rows is unreadable or empty
+    cache_dir: str = "data/cache"  # prepared (tokenized, packed) data, keyed by a fingerprint of inputs, tokenizer, settings and code; "" = off
     # model
     dtype: str = "auto"  # compute dtype: auto = bf16 on GPUs that have it, fp16 on older GPUs, fp32 on CPU
     quantize_4bit: bool = True  # NF4 + double quant base (QLoRA); False only for debugging on tiny models
@@ -146,6 +155,7 @@ class DPOConfig:
     max_len: int = 1536  # prompt + reply tokens per side
     max_prompt_len: int = 1024  # a longer prompt drops the pair (it would leave too little reply to compare)
     max_bad_fraction: float = 0.01  # stop if more than this share of input rows is unreadable
+    cache_dir: str = "data/cache"  # prepared pairs, keyed by a fingerprint of inputs, tokenizer, settings and code; "" = off
     # DPO
     beta: float = 0.1  # KL strength: reward = beta * (log pi - log ref); lower = drift further from SFT
     # model (same meaning as SFT)
@@ -196,6 +206,16 @@ class ChatConfig:
     dtype: str = "auto"  # auto = bf16 on GPU, fp32 on CPU
 
 
+@dataclass(frozen=True)
+class EvalConfig:
+    sft_dir: str = "checkpoints/sft/final"  # SFT adapter; its config.json gives base model, data, seed and hold-out split; metrics.jsonl is read from its parent
+    dpo_dir: str = "checkpoints/dpo/final"  # DPO adapter (stacked on sft_dir); its config.json gives hh-rlhf subsets, seed, eval_pairs, lengths, beta
+    output_dir: str = "checkpoints/eval"  # report.md, eval.json and the PNGs; replaced atomically on every run
+    max_eval_rows: int = 0  # cap on held-out SFT packed rows per model (0 = all ~0.5% of Airoboros)
+    max_eval_pairs: int = 0  # cap on held-out hh-rlhf pairs, a prefix of dpo.py's eval set (0 = all eval_pairs, as dpo.py)
+    max_new_tokens: int = 256  # greedy reply length cap per prompt and model (5 prompts x 3 models)
+
+
 # The demo preset: the same scripts on a 2-layer Llama and generated sample data
 # (see demo_assets.py). fp32 on CPU so resume and merge checks can be exact.
 _DEMO_COMMON = dict(dtype="float32", optimizer="adamw", lora_r=8, lora_alpha=16, warmup_steps=4,
@@ -205,15 +225,17 @@ PRESETS = {
     "demo": {
         SFTConfig: dict(_DEMO_COMMON, model_dir="models/demo-llama", data_dir="data/demo/airoboros",
                         output_dir="checkpoints/demo/sft", max_seq_len=256, lr=2e-3, num_epochs=2,
-                        max_steps=60, eval_fraction=0.05, lora_dropout=0.0),
+                        max_steps=60, eval_fraction=0.05, lora_dropout=0.0, cache_dir="data/demo/cache"),
         DPOConfig: dict(_DEMO_COMMON, model_dir="models/demo-llama", data_dir="data/demo/hh-rlhf",
                         sft_dir="checkpoints/demo/sft/final", output_dir="checkpoints/demo/dpo",
                         max_len=192, max_prompt_len=128, max_pairs=0, eval_pairs=16, lr=1e-3,
-                        max_steps=16),
+                        max_steps=16, cache_dir="data/demo/cache"),
         MergeConfig: dict(model_dir="models/demo-llama", sft_dir="checkpoints/demo/sft/final",
                           dpo_dir="checkpoints/demo/dpo/final", output_dir="models/demo-merged",
                           max_shard_gb=0.0005),
         ChatConfig: dict(model_dir="models/demo-merged", max_new_tokens=48, dtype="float32", temperature=0.0),
+        EvalConfig: dict(sft_dir="checkpoints/demo/sft/final", dpo_dir="checkpoints/demo/dpo/final",
+                         output_dir="checkpoints/demo/eval", max_new_tokens=48),
     },
 }
 
@@ -384,7 +406,7 @@ def print_config(cfg):
 
 if __name__ == "__main__":
     # `python config.py sft|dpo|merge|chat [--preset demo] [--field value]` prints the resolved config as JSON
-    kinds = {"sft": SFTConfig, "dpo": DPOConfig, "merge": MergeConfig, "chat": ChatConfig}
+    kinds = {"sft": SFTConfig, "dpo": DPOConfig, "merge": MergeConfig, "chat": ChatConfig, "eval": EvalConfig}
     if len(sys.argv) < 2 or sys.argv[1] not in kinds:
         sys.exit(f"usage: python config.py {{{'|'.join(kinds)}}} [--preset demo] [--field value ...]")
     print(json.dumps(to_dict(parse_args(kinds[sys.argv[1]], sys.argv[2:])), indent=2))

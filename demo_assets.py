@@ -166,9 +166,23 @@ def write_model(records):
     GenerationConfig(bos_token_id=1, eos_token_id=2, do_sample=False, max_new_tokens=64).save_pretrained(MODEL_DIR)
 
 
+def write_manifest():
+    """data/demo/manifest.json in download.py's format, so `make verify PRESET=demo` checks the
+    generated files exactly as it checks real downloads (and a copied folder can be verified)."""
+    import hashlib
+    files = [p for d in (MODEL_DIR, DATA_DIR / "airoboros", DATA_DIR / "hh-rlhf") for p in sorted(d.rglob("*"))
+             if p.is_file()]
+    rows = [dict(repo_id="demo_assets.py", repo_type="generated", revision=f"seed {SEED}", file=p.name,
+                 path=p.relative_to(OUT).as_posix(), size=p.stat().st_size,
+                 sha256=hashlib.sha256(p.read_bytes()).hexdigest()) for p in files]
+    (DATA_DIR / "manifest.json").write_text(json.dumps({"files": rows}, indent=2) + "\n")
+
+
 def main():
     marker = MODEL_DIR / "COMPLETE.json"
     if marker.is_file() and (DATA_DIR / "airoboros/instructions.jsonl").is_file():
+        if not (DATA_DIR / "manifest.json").is_file():
+            write_manifest()  # built before manifests existed
         print(f"demo assets already built ({MODEL_DIR}, {DATA_DIR})")
         return
     MODEL_DIR.mkdir(parents=True, exist_ok=True)
@@ -176,6 +190,7 @@ def main():
     write_tokenizer(records)
     write_model(records)
     marker.write_text(json.dumps({"seed": SEED}))
+    write_manifest()
     print(f"demo assets built: {MODEL_DIR} and {DATA_DIR} "
           f"({len(records)} instructions, {len(HH_SUBSETS)} hh-rlhf subsets)")
 

@@ -2,7 +2,9 @@
 The only online step: fetch the pinned base model and both datasets into plain folders.
 
     python download.py                          # everything in config.SOURCES (~26 GB model + ~0.3 GB data)
-    python download.py --only airoboros,hh-rlhf # a subset (keys of config.SOURCES)
+    python download.py --only airoboros,hh-rlhf # a subset (keys of config.SOURCES, and "wheels")
+    python download.py --files models/Llama-2-13b-hf/model-00002-of-00003.safetensors   # repair one file
+    python download.py --only wheels --wheels_platform manylinux_2_28_x86_64   # wheels for another box
     make download-datasets-and-models           # the same, through the Makefile
 
 What it guarantees
@@ -14,8 +16,12 @@ What it guarantees
     before it ever gets its final name, and the run stops naming both hashes;
   - re-runnable: finished files are checked locally and skipped without any network
     call; an interrupted file resumes from its `.part` (HTTP Range), across processes;
+  - wheels/ gets every package of requirements.lock as a wheel for the target platform
+    (default: this one), so the airgapped box installs with no index at all; the Makefile
+    switches to `pip install --no-index --find-links wheels` when that folder has wheels;
   - manifest.json and checksums.sha256 at the root record repo, revision, size and
-    sha256 of every file (`sha256sum -c checksums.sha256` re-checks them offline).
+    sha256 of every file, wheels included (`python verify.py`, or `sha256sum -c
+    checksums.sha256`, re-checks them offline).
 
 Environment (read by huggingface_hub at import time)
   HF_ENDPOINT  another hub or a mirror (the tests point it at a stand-in on 127.0.0.1)
@@ -49,12 +55,23 @@ import config
 parser = argparse.ArgumentParser(
     description="Fetch the pinned model and datasets (the only online step).",
     epilog="Sources and revisions live in config.py (SOURCES). HF_ENDPOINT / HF_TOKEN are honoured.")
-parser.add_argument("--only", default=",".join(config.SOURCES),
-                    help=f"comma list of sources to fetch (default: all of {','.join(config.SOURCES)})")
+parser.add_argument("--only", default=None,
+                    help=f"comma list of sources to fetch (default: all of {','.join(config.SOURCES)},wheels; "
+                         "with --sources, only those sources)")
 parser.add_argument("--root", default=str(config.ROOT),
                     help="folder that local_dir paths and the manifest are relative to (default: the repo root)")
+parser.add_argument("--files", default="",
+                    help="comma list of paths (as in manifest.json) to fetch or repair; others are left alone")
 parser.add_argument("--sources", default=None,
                     help="JSON file replacing config.SOURCES (tests; same fields as config.Source)")
+parser.add_argument("--requirements", default=str(config.ROOT / "requirements.lock"),
+                    help="the lock whose wheels go into wheels/ (tests point it at a tiny one)")
+parser.add_argument("--wheels_platform", default=os.environ.get("WHEELS_PLATFORM", ""),
+                    help="pip platform tag of the airgapped box, e.g. manylinux_2_28_x86_64 (default: this machine's)")
+parser.add_argument("--wheels_python", default=os.environ.get("WHEELS_PYTHON", "3.11"),
+                    help="Python version of the airgapped box (requirements.lock was resolved on 3.11)")
+parser.add_argument("--pip_args", default=os.environ.get("WHEELS_PIP_ARGS", ""),
+                    help="extra arguments for `pip download` (an index mirror; tests: --no-index --find-links DIR)")
 args = parser.parse_args()
 
 root = Path(args.root).resolve()
@@ -64,10 +81,19 @@ if args.sources:
     sources = {k: config.Source(**dict(v, files=tuple(v["files"]))) for k, v in raw.items()}
 else:
     sources = config.SOURCES
+if args.only is None:  # everything; a test's --sources replaces the hub sources and leaves wheels out
+    args.only = ",".join(list(sources) + ([] if args.sources else ["wheels"]))
 wanted = [k for k in args.only.split(",") if k]
-unknown = [k for k in wanted if k not in sources]
+unknown = [k for k in wanted if k not in sources and k != "wheels"]
 if unknown or not wanted:
-    sys.exit(f"--only: unknown source {', '.join(unknown) or '(empty)'}; choose from {', '.join(sources)}")
+    sys.exit(f"--only: unknown source {', '.join(unknown) or '(empty)'}; choose from {', '.join(sources)}, wheels")
+only_files = {f.strip().strip("/") for f in args.files.split(",") if f.strip()}
+if only_files:
+    pinned = {f"{src.local_dir}/{name}": key for key, src in sources.items() for name in src.files}
+    unknown = sorted(only_files - set(pinned))
+    if unknown:
+        sys.exit(f"--files: not a pinned file: {', '.join(unknown)} (paths look like {next(iter(pinned))})")
+    wanted = [k for k in sources if k in set(pinned[f] for f in only_files)]
 
 # huggingface_hub reads HF_ENDPOINT / HF_HUB_OFFLINE / HF_TOKEN when it is imported, so it is
 # imported after argument parsing (--help stays instant) and never before the env is final.
@@ -221,17 +247,64 @@ def fetch_one(src, name, dest, expected):
     return dest.stat().st_size, got
 
 
+def fetch_wheels():
+    """Every package of requirements.lock as a wheel in wheels/, for the airgapped box.
+
+    `pip download` resolves the lock against the index (PyPI, or --pip_args' mirror) and checks
+    each file against the sha256 the index publishes for it; the lock pins every version, so the
+    set is exact. --platform/--python-version fetch for another machine than this one (pip then
+    insists on --only-binary=:all:, which we use anyway: the airgapped box should compile nothing).
+    On Linux the torch pin brings its CUDA wheels (nvidia-*, triton, several GB) with it."""
+    import subprocess
+    wheels = root / "wheels"
+    wheels.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "pip", "download", "--disable-pip-version-check", "--only-binary=:all:",
+           "-r", args.requirements, "-d", str(wheels)]
+    if args.wheels_platform:
+        cmd += ["--platform", args.wheels_platform, "--python-version", args.wheels_python, "--implementation", "cp"]
+    cmd += args.pip_args.split()
+    target = args.wheels_platform or "this machine's platform"
+    print(f"[wheels] {Path(args.requirements).name} -> wheels/ (for {target}, Python {args.wheels_python if args.wheels_platform else 'this one'})")
+    for attempt in range(TRIES):
+        if attempt:
+            print(f"  retry {attempt}/{TRIES - 1} in {2 ** (attempt - 1)}s")
+            time.sleep(2 ** (attempt - 1))
+        p = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        if p.returncode == 0:
+            break
+        if "No matching distribution" in p.stdout or "Could not find a version" in p.stdout:
+            break  # not a network blip: retrying cannot help
+    if p.returncode != 0:
+        tail = "\n    ".join(p.stdout.strip().splitlines()[-6:])
+        raise Fatal(f"pip could not fetch the wheels of {args.requirements}:\n    {tail}\n"
+                    "  (offline? a package without a wheel for that platform? set --wheels_platform / --pip_args)")
+    # record every wheel: verify.py checks them like the model shards
+    for old in [k for k, e in entries.items() if e.get("repo_type") == "wheel"]:
+        del entries[old]
+    lock_sha = sha256_of(args.requirements)[:16]
+    for whl in sorted(wheels.glob("*.whl")):
+        rel = whl.relative_to(root).as_posix()
+        entries[rel] = dict(repo_id="pypi", repo_type="wheel", revision=f"requirements.lock:{lock_sha}",
+                            file=whl.name, path=rel, size=whl.stat().st_size, sha256=sha256_of(whl))
+    n = sum(1 for e in entries.values() if e.get("repo_type") == "wheel")
+    print(f"  {n} wheels in wheels/ ({sum(e['size'] for e in entries.values() if e.get('repo_type') == 'wheel') / 1e9:.2f} GB)")
+
+
 # -----------------------------------------------------------------------------
 # The loop: one source at a time, one file at a time, manifest saved after every file so an
 # interrupted run still records what it finished.
 
 try:
     for key in wanted:
+        if key == "wheels":
+            continue  # after the hub sources, below
         src = sources[key]
         print(f"[{key}] {src.repo_type} {src.repo_id} @ {src.revision[:12]} -> {src.local_dir}/ ({len(src.files)} files)")
         for name in src.files:
             dest = root / src.local_dir / name
             rel = dest.relative_to(root).as_posix()
+            if only_files and rel not in only_files:
+                continue
             expected = src.sha256.get(name)
             prev = entries.get(rel)
             dest.parent.mkdir(parents=True, exist_ok=True)
@@ -268,6 +341,8 @@ try:
             save_manifest(entries)
             n_fetched += 1
             print(f"  got   {name} ({size:,} bytes, sha256 {got[:16]}...{' = published' if expected else ''})")
+    if "wheels" in wanted:
+        fetch_wheels()
     save_manifest(entries)
 except Fatal as e:
     sys.exit(f"error: {e}")

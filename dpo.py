@@ -53,6 +53,7 @@ common.save_json(out_dir / "config.json", to_dict(cfg))
 
 # -----------------------------------------------------------------------------
 # Data: final-turn preference pairs, filtered and truncated identically on both sides.
+# Cached on disk under a fingerprint of inputs, tokenizer, settings and code (see sft.py).
 
 tok = Tokenizer(cfg.model_dir)
 
@@ -100,43 +101,65 @@ def read_pairs(paths, report):
     return pairs
 
 
-report = DataReport(f"hh-rlhf {cfg.split}: {cfg.subsets} (dpo)")
-pairs = read_pairs(data_files[cfg.split], report)
-report.check_bad_share(cfg.max_bad_fraction, resolve(cfg.data_dir))
-rng = random.Random(cfg.seed)
-rng.shuffle(pairs)  # seeded: the sample and the held-out set are a function of the seed
-eval_report = DataReport(f"hh-rlhf test: {cfg.subsets} (dpo eval)")
-if cfg.split == "test":  # train on test: hold the eval pairs out of it
-    eval_pairs, pairs = pairs[:cfg.eval_pairs], pairs[cfg.eval_pairs:]
+def prepare_data():
+    """Train pairs (seeded sample of max_pairs) and held-out eval pairs, as flat tensors for the cache."""
+    report = DataReport(f"hh-rlhf {cfg.split}: {cfg.subsets} (dpo)")
+    pairs = read_pairs(data_files[cfg.split], report)
+    report.check_bad_share(cfg.max_bad_fraction, resolve(cfg.data_dir))
+    random.Random(cfg.seed).shuffle(pairs)  # seeded: the sample and the held-out set are a function of the seed
+    eval_report = DataReport(f"hh-rlhf test: {cfg.subsets} (dpo eval)")
+    if cfg.split == "test":  # train on test: hold the eval pairs out of it
+        eval_pairs, pairs = pairs[:cfg.eval_pairs], pairs[cfg.eval_pairs:]
+    else:
+        eval_pairs = read_pairs(data_files["test"], eval_report)
+        random.Random(cfg.seed).shuffle(eval_pairs)
+        eval_pairs = eval_pairs[:cfg.eval_pairs]
+    if cfg.max_pairs > 0:
+        pairs = pairs[:cfg.max_pairs]  # the pair budget (see README for the hours it buys)
+    report.kept = len(pairs)
+    report.extra = {"train_pairs": len(pairs), "eval_pairs": len(eval_pairs),
+                    "tokens_per_pair_mean": round(sum(len(p[0]) + len(p[2]) for p in pairs) / max(len(pairs), 1), 1)}
+    data = {}
+    for name, ps in (("train", pairs), ("eval", eval_pairs)):
+        for j, side in ((0, "chosen"), (2, "rejected")):
+            data[f"{name}_{side}"], data[f"{name}_{side}_len"] = common.flatten_sequences([p[j] for p in ps])
+        # labels are IGNORE over BOS + prompt, then the reply: the prompt length rebuilds them exactly
+        data[f"{name}_prompt_len"] = torch.tensor([p[1].count(IGNORE) for p in ps], dtype=torch.int64)
+    return data, report.to_dict() | {"eval": eval_report.to_dict()}
+
+
+data_key = common.data_fingerprint(
+    [f for split in (cfg.split, "test") for f in data_files[split]] + [resolve(cfg.model_dir) / "tokenizer.model"],
+    {k: getattr(cfg, k) for k in ("subsets", "split", "seed", "max_pairs", "eval_pairs", "max_len",
+                                  "max_prompt_len", "max_bad_fraction")})
+t_prep = time.time()
+cached = common.load_cached(cfg.cache_dir, data_key)
+if cached is None:
+    data, report = prepare_data()
+    common.save_cached(cfg.cache_dir, data_key, data, report)
 else:
-    eval_pairs = read_pairs(data_files["test"], eval_report)
-    random.Random(cfg.seed).shuffle(eval_pairs)
-    eval_pairs = eval_pairs[:cfg.eval_pairs]
-if cfg.max_pairs > 0:
-    pairs = pairs[:cfg.max_pairs]  # the pair budget (see README for the hours it buys)
-report.kept = len(pairs)
-report.extra = {"train_pairs": len(pairs), "eval_pairs": len(eval_pairs),
-                "tokens_per_pair_mean": round(sum(len(p[0]) + len(p[2]) for p in pairs) / max(len(pairs), 1), 1)}
-report.print()
-common.save_json(out_dir / "data_report.json", report.to_dict() | {"eval": eval_report.to_dict()})
+    data, report = cached
+data_hash = common.data_digest(data)  # of the prepared tensors: checked on resume
+report |= {"cache_key": data_key, "data_digest": data_hash}
+# the run's cost before it starts: chosen + rejected tokens of every pair, every epoch
+n_tokens = int(data["train_chosen_len"].sum() + data["train_rejected_len"].sum())
+if cfg.max_steps > 0:
+    n_tokens = round(n_tokens / max(len(data["train_chosen_len"]), 1) * cfg.max_steps * cfg.micro_batch_size * cfg.grad_accum)
+else:
+    n_tokens = round(n_tokens * cfg.num_epochs)
+report["estimate"] = {"tokens": n_tokens, "flops_per_token": "8.5 x params (policy 6.5 + reference forward 2)",
+                      "hours": common.hours_estimate(n_tokens, 8.5 * common.model_params(cfg.model_dir))}
+common.print_report({k: v for k, v in report.items() if k != "eval"})
+print(f"data: {'cache hit' if cached else 'prepared'} in {time.time() - t_prep:.1f}s (key {data_key})")
+common.save_json(out_dir / "data_report.json", report)
 if prepare_only:
     print(f"data report written to {cfg.output_dir}/data_report.json")
     sys.exit(0)
+pairs, eval_pairs = common.pairs_from_cache(data, "train"), common.pairs_from_cache(data, "eval")
 if not pairs:
     sys.exit(f"{cfg.data_dir}: no usable preference pairs")
-
-
-def packed_batch(batch):
-    """Pairs -> one padding-free row [chosen_0, rejected_0, chosen_1, ...] with per-sequence
-    position ids (no cross-sequence attention) and the sequence index of every token."""
-    ids, labels, pos, seq = [], [], [], []
-    for k, (c_ids, c_lab, r_ids, r_lab) in enumerate(batch):
-        for j, (x, y) in enumerate(((c_ids, c_lab), (r_ids, r_lab))):
-            ids += x
-            labels += y
-            pos += range(len(x))
-            seq += [2 * k + j] * len(x)
-    return [torch.tensor([v]) for v in (ids, labels, pos, seq)]
+if ckpt is not None:
+    common.check_resume_data(ckpt, data_hash)  # same config but different data: the run would not continue
 
 
 # -----------------------------------------------------------------------------
@@ -182,7 +205,7 @@ def pairs_for_step(s):
 def forward_logps(batch):
     """Summed reply log-probs of every packed sequence: policy (with grad) and reference
     (DPO adapter off, no grad). Returns [2 * pairs] each, chosen at even, rejected at odd."""
-    ids, labels, pos, seq = (t.to(device) for t in packed_batch(batch))
+    ids, labels, pos, seq = (t.to(device) for t in common.pack_pairs(batch))  # padding-free, chosen+rejected in one row
     with torch.no_grad():
         common.set_active_adapters(model, ["sft"])  # the reference = the SFT model, exactly
         ref = common.sequence_logps(model(input_ids=ids, position_ids=pos, use_cache=False).logits, labels, seq, 2 * len(batch))
@@ -208,7 +231,8 @@ def evaluate():
 def save(folder):
     common.save_training_state(folder, model, "dpo", optimizer, {
         "step": step, "total_steps": total_steps, "pairs_consumed": step * pairs_per_step,
-        "epoch": step * pairs_per_step / len(pairs), "history": log.history, "config": to_dict(cfg)})
+        "epoch": step * pairs_per_step / len(pairs), "history": log.history, "config": to_dict(cfg),
+        "data_digest": data_hash})
     common.prune_checkpoints(out_dir, cfg.keep_last)
 
 

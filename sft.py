@@ -43,67 +43,97 @@ out_dir.mkdir(parents=True, exist_ok=True)
 common.save_json(out_dir / "config.json", to_dict(cfg))
 
 # -----------------------------------------------------------------------------
-# Data: read, validate, format, tokenize, hold out 0.5%, pack.
+# Data: read, validate, format, tokenize, hold out 0.5%, pack. Cached on disk under a
+# fingerprint of the file contents, tokenizer, settings and code (common.data_fingerprint):
+# a resumed or repeated run loads the packed tensors instead of re-tokenizing.
 
 tok = Tokenizer(cfg.model_dir)
-report = DataReport("airoboros-gpt4-1.4.1 (sft)")
-instructions, responses = [], []
-for lineno, row in common.read_jsonl(data_path, report):
-    where = f"{data_path.name}:{lineno}"
-    ins, resp = row.get("instruction"), row.get("response")
-    if not isinstance(ins, str) or not isinstance(resp, str):
-        report.drop("missing or non-string instruction/response", where, bad=True)
-        continue
-    if not ins.strip() or not resp.strip():
-        report.drop("empty instruction or response", where, bad=True)
-        continue
-    # strip: leading/trailing whitespace is formatting noise, and "the reply" must be exact
-    instructions.append(ins.strip())
-    responses.append(resp.strip())
-report.check_bad_share(cfg.max_bad_fraction, data_path)
-
-prompt_ids = tok.encode(common.format_prompt([i]) for i in instructions)  # batched, C++ threads
-reply_ids = tok.encode(responses)
-examples = []
-for p, r in zip(prompt_ids, reply_ids):
-    ids, labels, truncated = common.build_example(p, r, tok.eos_id, tok.bos_id, cfg.max_seq_len)
-    report.lengths_before.append(1 + len(p) + len(r) + 1)
-    report.lengths_after.append(len(ids))
-    report.truncated += truncated
-    if sum(l != IGNORE for l in labels) == 0:
-        report.drop("prompt alone fills max_seq_len", f"record {len(examples)}")
-        continue
-    examples.append((ids, labels))
-report.kept = len(examples)
-
-# Deterministic held-out split (by seed), so eval loss is comparable across resumes and runs.
-order = list(range(len(examples)))
-random.Random(cfg.seed).shuffle(order)
-n_eval = max(1, round(cfg.eval_fraction * len(examples))) if cfg.eval_fraction > 0 else 0
-eval_idx, train_idx = sorted(order[:n_eval]), sorted(order[n_eval:])
+data_key = common.data_fingerprint(
+    [data_path, resolve(cfg.model_dir) / "tokenizer.model"],
+    {k: getattr(cfg, k) for k in ("max_seq_len", "eval_fraction", "seed", "max_bad_fraction")})
 
 
-def pack(indices):
-    """Best-fit-decreasing packing -> tensors [rows, max_seq_len] of ids, labels, positions,
-    and [rows] of real (non-padding) tokens per row."""
-    bins = common.pack_best_fit([len(examples[i][0]) for i in indices], cfg.max_seq_len)
-    rows = [common.make_packed_row([examples[indices[j]] for j in b], cfg.max_seq_len, tok.pad_id) for b in bins]
-    real = torch.tensor([sum(len(examples[indices[j]][0]) for j in b) for b in bins])
-    return [torch.tensor([r[k] for r in rows], dtype=torch.int64) for k in range(3)] + [real]
+def prepare_data():
+    report = DataReport("airoboros-gpt4-1.4.1 (sft)")
+    instructions, responses, where_from = [], [], []
+    for lineno, row in common.read_jsonl(data_path, report):
+        where = f"{data_path.name}:{lineno}"
+        ins, resp = row.get("instruction"), row.get("response")
+        if not isinstance(ins, str) or not isinstance(resp, str):
+            report.drop("missing or non-string instruction/response", where, bad=True)
+            continue
+        if not ins.strip() or not resp.strip():
+            report.drop("empty instruction or response", where, bad=True)
+            continue
+        # strip: leading/trailing whitespace is formatting noise, and "the reply" must be exact
+        instructions.append(ins.strip())
+        responses.append(resp.strip())
+        where_from.append(where)
+    report.check_bad_share(cfg.max_bad_fraction, data_path)
+
+    prompt_ids = tok.encode(common.format_prompt([i]) for i in instructions)  # batched, C++ threads
+    reply_ids = tok.encode(responses)
+    examples = []
+    for p, r, where in zip(prompt_ids, reply_ids, where_from):
+        ids, labels, truncated = common.build_example(p, r, tok.eos_id, tok.bos_id, cfg.max_seq_len)
+        report.lengths_before.append(1 + len(p) + len(r) + 1)
+        report.lengths_after.append(len(ids))
+        report.truncated += truncated
+        if sum(l != IGNORE for l in labels) == 0:
+            report.drop("prompt alone fills max_seq_len", where)
+            continue
+        examples.append((ids, labels))
+    report.kept = len(examples)
+
+    # Deterministic held-out split (by seed), so eval loss is comparable across resumes and runs.
+    order = list(range(len(examples)))
+    random.Random(cfg.seed).shuffle(order)
+    n_eval = max(1, round(cfg.eval_fraction * len(examples))) if cfg.eval_fraction > 0 else 0
+    eval_idx, train_idx = sorted(order[:n_eval]), sorted(order[n_eval:])
+
+    def pack(indices):
+        """Best-fit-decreasing packing -> [rows, max_seq_len] ids, labels, positions + [rows] real tokens.
+        An example never spans two rows: one longer than max_seq_len was truncated above."""
+        bins = common.pack_best_fit([len(examples[i][0]) for i in indices], cfg.max_seq_len)
+        rows = [common.make_packed_row([examples[indices[j]] for j in b], cfg.max_seq_len, tok.pad_id) for b in bins]
+        real = torch.tensor([sum(len(examples[indices[j]][0]) for j in b) for b in bins], dtype=torch.int64)
+        return [common.flatten_sequences([r[k] for r in rows])[0].reshape(-1, cfg.max_seq_len)
+                for k in range(3)] + [real]
+
+    data = dict(zip(("train_ids", "train_labels", "train_pos", "train_real"), pack(train_idx)))
+    data |= dict(zip(("eval_ids", "eval_labels", "eval_pos", "eval_real"), pack(eval_idx)))
+    report.extra = {"train_examples": len(train_idx), "eval_examples": len(eval_idx),
+                    "train_rows": len(data["train_ids"]),
+                    "packing_efficiency": round(int(data["train_real"].sum()) / max(data["train_ids"].numel(), 1), 4)}
+    return data, report.to_dict()
 
 
-train_ids, train_labels, train_pos, train_real = pack(train_idx)
-eval_ids, eval_labels, eval_pos, _ = pack(eval_idx) if eval_idx else (None, None, None, None)
-real_tokens = int(train_real.sum())
-report.extra = {"train_examples": len(train_idx), "eval_examples": len(eval_idx), "train_rows": len(train_ids),
-                "packing_efficiency": round(real_tokens / train_ids.numel(), 4) if len(train_ids) else 0.0}
-report.print()
-common.save_json(out_dir / "data_report.json", report.to_dict())
+t_prep = time.time()
+cached = common.load_cached(cfg.cache_dir, data_key)
+if cached is None:
+    data, report = prepare_data()
+    common.save_cached(cfg.cache_dir, data_key, data, report)
+else:
+    data, report = cached
+data_hash = common.data_digest(data)  # of the prepared tensors: checked on resume
+report |= {"cache_key": data_key, "data_digest": data_hash}
+# the run's cost before it starts: every packed token (padding included) of every step
+rows_total = (cfg.max_steps * cfg.micro_batch_size * cfg.grad_accum if cfg.max_steps > 0
+              else math.ceil(cfg.num_epochs * len(data["train_ids"])))
+report["estimate"] = {"tokens": rows_total * cfg.max_seq_len, "flops_per_token": "6.5 x params",
+                      "hours": common.hours_estimate(rows_total * cfg.max_seq_len, 6.5 * common.model_params(cfg.model_dir))}
+common.print_report(report)
+print(f"data: {'cache hit' if cached else 'prepared'} in {time.time() - t_prep:.1f}s (key {data_key})")
+common.save_json(out_dir / "data_report.json", report)
 if prepare_only:
     print(f"data report written to {cfg.output_dir}/data_report.json")
     sys.exit(0)
+train_ids, train_labels, train_pos, train_real = (data[f"train_{k}"] for k in ("ids", "labels", "pos", "real"))
+eval_ids, eval_labels, eval_pos = (data[f"eval_{k}"] for k in ("ids", "labels", "pos"))
 if len(train_ids) == 0:
     sys.exit(f"{data_path}: no usable training examples")
+if ckpt is not None:
+    common.check_resume_data(ckpt, data_hash)  # same config but different data: the run would not continue
 
 # -----------------------------------------------------------------------------
 # Model: NF4 base + LoRA on every linear layer. Seeded before LoRA init (A is random, B = 0).
@@ -152,7 +182,7 @@ def loss_sum(ids, labels, pos):
 
 @torch.no_grad()
 def evaluate():
-    if eval_ids is None:
+    if len(eval_ids) == 0:
         return float("nan")
     model.eval()
     total, count = 0.0, 0
@@ -168,7 +198,8 @@ def evaluate():
 def save(folder):
     common.save_training_state(folder, model, "sft", optimizer, {
         "step": step, "total_steps": total_steps, "rows_consumed": step * rows_per_step,
-        "epoch": step * rows_per_step / len(train_ids), "history": log.history, "config": to_dict(cfg)})
+        "epoch": step * rows_per_step / len(train_ids), "history": log.history, "config": to_dict(cfg),
+        "data_digest": data_hash})
     common.prune_checkpoints(out_dir, cfg.keep_last)
 
 

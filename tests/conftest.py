@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -15,9 +16,17 @@ sys.path.insert(0, str(ROOT))
 FIXTURES = ROOT.parent / "shared" / "fixtures"
 
 
+# Every script a test runs is under the socket guard (tests/netguard): loopback only, and any
+# other connect or DNS lookup is logged here. tests/test_offline.py asserts the log is empty.
+NETGUARD = Path(__file__).resolve().parent / "netguard"
+NETGUARD_LOG = Path(tempfile.mkdtemp(prefix="netguard_")) / "denied.log"
+
+
 def run(script, *args, check=True, timeout=600, env=None):
-    """Run a repo script with this interpreter; returns CompletedProcess (stdout+stderr merged)."""
-    env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
+    """Run a repo script with this interpreter, offline-guarded; returns CompletedProcess (stdout+stderr merged)."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1", NETGUARD_LOG=str(NETGUARD_LOG),
+               PYTHONPATH=os.pathsep.join([str(NETGUARD)] + [p for p in [os.environ.get("PYTHONPATH")] if p]),
+               **(env or {}))
     p = subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], cwd=ROOT, env=env,
                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=timeout)
     if check and p.returncode != 0:
@@ -36,9 +45,10 @@ def stage_args(root, stage, **over):
     """--preset demo with every path pointed into `root` (never the repo's own folders)."""
     paths = {
         "sft": dict(model_dir=root / "models/demo-llama", data_dir=root / "data/demo/airoboros",
-                    output_dir=root / "checkpoints/sft"),
+                    output_dir=root / "checkpoints/sft", cache_dir=root / "cache"),
         "dpo": dict(model_dir=root / "models/demo-llama", data_dir=root / "data/demo/hh-rlhf",
-                    sft_dir=root / "checkpoints/sft/final", output_dir=root / "checkpoints/dpo"),
+                    sft_dir=root / "checkpoints/sft/final", output_dir=root / "checkpoints/dpo",
+                    cache_dir=root / "cache"),
         "merge": dict(model_dir=root / "models/demo-llama", sft_dir=root / "checkpoints/sft/final",
                       dpo_dir=root / "checkpoints/dpo/final", output_dir=root / "models/merged"),
     }[stage]

@@ -246,3 +246,98 @@ def test_help_and_bad_only(tmp_path):
     p = run(tmp_path, "http://127.0.0.1:9", "--only", "modle")
     assert_clean_failure(p)
     assert "unknown source modle" in p.stderr
+
+
+def verify(root, *args):
+    return subprocess.run([sys.executable, str(ROOT / "verify.py"), "--root", str(root), *args],
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_verify_names_a_damaged_file_and_download_repairs_only_it(tmp_path, hub):
+    sources = write_sources(tmp_path / "s.json", hub)
+    assert run(tmp_path, hub.url, sources=sources).returncode == 0
+    root = tmp_path / "root"
+    p = verify(root)
+    assert p.returncode == 0 and "verify: ok" in p.stdout, p.stdout + p.stderr
+    shard = f"{config.BASE_MODEL.local_dir}/model-00002-of-00003.safetensors"
+    data = (root / shard).read_bytes()
+    (root / shard).write_bytes(data[:-7])  # truncated
+    p = verify(root)
+    assert p.returncode == 1
+    assert f"{shard}: size {len(data) - 7:,} bytes" in p.stdout
+    assert f"repair: python download.py --files {shard}" in p.stdout
+    # same size, one flipped byte: only --full sees it
+    (root / shard).write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
+    assert verify(root).returncode == 0
+    p = verify(root, "--full")
+    assert p.returncode == 1 and "sha256 differs" in p.stdout and shard in p.stdout
+    # the repair command fetches that one file and nothing else
+    before = len(hub.log)
+    p = run(tmp_path, hub.url, "--files", shard, sources=sources)
+    assert p.returncode == 0, p.stderr
+    new = [path for method, _, path, _ in hub.log[before:] if method == "GET"]
+    assert new == ["model-00002-of-00003.safetensors"], new
+    assert (root / shard).read_bytes() == data
+    assert verify(root, "--full").returncode == 0
+    # a file deleted, and a pin that no longer matches the download, are named too
+    (root / config.AIROBOROS.local_dir / "instructions.jsonl").unlink()
+    manifest = json.loads((root / "manifest.json").read_text())
+    for e in manifest["files"]:
+        if e["path"].startswith(config.HH_RLHF.local_dir):
+            e["revision"] = "0" * 40
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    p = verify(root)
+    assert p.returncode == 1
+    assert "instructions.jsonl: missing" in p.stdout
+    assert "downloaded at revision 000000000000, config.py pins 09be8c5bbc57" in p.stdout
+
+
+def write_wheel(folder, name="tinypkg", version="1.0"):
+    """A minimal pure-Python wheel (a zip with dist-info), so pip can be tested with no index."""
+    import zipfile
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{name}-{version}-py3-none-any.whl"
+    di = f"{name}-{version}.dist-info"
+    files = {f"{name}/__init__.py": "VALUE = 42\n",
+             f"{di}/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n",
+             f"{di}/WHEEL": "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n"}
+    files[f"{di}/RECORD"] = "".join(f"{k},,\n" for k in files) + f"{di}/RECORD,,\n"
+    with zipfile.ZipFile(path, "w") as z:
+        for k, v in files.items():
+            z.writestr(k, v)
+    return path
+
+
+def test_wheels_for_an_index_free_install(tmp_path):
+    index = tmp_path / "index"
+    write_wheel(index)
+    req = tmp_path / "req.lock"
+    req.write_text("tinypkg==1.0\n")
+    root = tmp_path / "root"
+    p = run(tmp_path, "http://127.0.0.1:9", "--only", "wheels", "--requirements", str(req),
+            "--pip_args", f"--no-index --find-links {index}")
+    assert p.returncode == 0, p.stdout + p.stderr
+    (entry,) = json.loads((root / "manifest.json").read_text())["files"]
+    whl = root / "wheels/tinypkg-1.0-py3-none-any.whl"
+    assert entry["path"] == "wheels/tinypkg-1.0-py3-none-any.whl" and entry["repo_type"] == "wheel"
+    assert entry["sha256"] == sha(whl.read_bytes()) and entry["size"] == whl.stat().st_size
+    # what the Makefile does on the airgapped box: no index at all, only wheels/
+    p = subprocess.run([sys.executable, "-m", "pip", "install", "--no-index", "--find-links", str(root / "wheels"),
+                        "--target", str(tmp_path / "site"), "-r", str(req)], capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    assert (tmp_path / "site/tinypkg/__init__.py").is_file()
+    # a wheel verify can't find is named with its repair command
+    whl.unlink()
+    p = subprocess.run([sys.executable, str(ROOT / "verify.py"), "--root", str(root)], capture_output=True, text=True)
+    assert "wheels/tinypkg-1.0-py3-none-any.whl: missing" in p.stdout
+    assert "repair: python download.py --only wheels" in p.stdout
+
+
+def test_missing_wheel_is_one_clear_message(tmp_path):
+    req = tmp_path / "req.lock"
+    req.write_text("no-such-package-xyz==1.0\n")
+    (tmp_path / "empty").mkdir()
+    p = run(tmp_path, "http://127.0.0.1:9", "--only", "wheels", "--requirements", str(req),
+            "--pip_args", f"--no-index --find-links {tmp_path / 'empty'}")
+    assert_clean_failure(p)
+    assert "pip could not fetch the wheels" in p.stderr and "no-such-package-xyz" in p.stderr
