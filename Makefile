@@ -23,6 +23,11 @@ PRESET ?= full
 SFT_ARGS ?=
 DPO_ARGS ?=
 MERGE_ARGS ?=
+EVAL_ARGS ?=
+# GGUF files export-gguf writes (comma list of f16 q8_0 q5_1 q5_0 q4_1 q4_0)
+GGUF_TYPES ?= f16,q8_0
+# extra export_gguf.py flags, e.g. --out_dir /big/disk --verify on
+GGUF_ARGS ?=
 PROMPT ?= What is the capital of France?
 # 1 = verify hashes every file (slow), not only sizes
 FULL ?=
@@ -40,7 +45,7 @@ PIP_SOURCE := $(if $(wildcard wheels/*.whl),--no-index --find-links wheels,)
 # what verify checks: download.py's manifest, or the one demo_assets.py writes
 MANIFEST := $(if $(filter demo,$(PRESET)),data/demo/manifest.json,manifest.json)
 
-.PHONY: help venv download-datasets-and-models verify demo-assets sft dpo merge train demo chat test bench-data clean-demo
+.PHONY: help venv download-datasets-and-models verify demo-assets sft dpo merge train demo chat eval export-gguf test bench-data bench-merge clean-demo
 
 # List targets.  make help
 help:
@@ -53,7 +58,7 @@ $(VENV)/.installed: requirements.lock
 	$(PY) -m pip install --quiet --disable-pip-version-check $(PIP_SOURCE) -r requirements.lock
 	@touch $@
 
-# Online, once: pinned model + datasets into models/ and data/.  make download-datasets-and-models
+# Online, once: pinned model + datasets + wheels into models/ data/ wheels/, with manifest.json.  make download-datasets-and-models
 download-datasets-and-models: venv
 	$(PY) download.py $(if $(WHEELS_PLATFORM),--wheels_platform $(WHEELS_PLATFORM),)
 
@@ -89,6 +94,14 @@ demo: demo-assets
 chat: venv
 	$(PY) chat.py --preset $(PRESET) $(if $(filter command line,$(origin PROMPT)),--prompt "$(PROMPT)",)
 
+# Base vs +SFT vs +SFT+DPO on held-out data, generations, curves -> checkpoints/eval/report.md.  make eval PRESET=demo
+eval: dpo
+	$(PY) eval.py --preset $(PRESET) $(EVAL_ARGS)
+
+# Merged model -> GGUF for llama.cpp (f16 + q8_0, checked, beside the model).  make export-gguf PRESET=demo
+export-gguf: merge
+	$(PY) export_gguf.py --preset $(PRESET) --types $(GGUF_TYPES) $(GGUF_ARGS)
+
 # Run the test suite on CPU (a few minutes).  make test
 test: venv
 	$(PY) -m pytest -q tests
@@ -96,6 +109,10 @@ test: venv
 # Data-preparation speed, cache and packing figures on full-size synthetic data (CPU).  make bench-data
 bench-data: venv
 	$(PY) bench_data.py
+
+# Peak CPU RAM of merge.py on a ~1 GB scaled Llama, with the 13B projection (CPU).  make bench-merge
+bench-merge: venv
+	$(PY) bench_merge.py
 
 # Remove demo outputs (not the real run's).  make clean-demo
 clean-demo:

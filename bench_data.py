@@ -53,7 +53,7 @@ AIROBOROS_MIX = {
 ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
 ap.add_argument("--scale", type=float, default=1.0, help="fraction of the real sizes to generate")
 ap.add_argument("--airoboros_rows", type=int, default=40000, help="SFT records at scale 1 (an estimate of the real file)")
-ap.add_argument("--out", default=str(ROOT / "bench_data.json"), help="where the JSON result goes")
+ap.add_argument("--out", default=str(ROOT / "docs/bench_data.json"), help="where the JSON result goes (the committed record)")
 args = ap.parse_args()
 rng = random.Random(0)
 work = Path(tempfile.mkdtemp(prefix="bench_data_"))
@@ -148,6 +148,8 @@ for stage, script, extra in (
                       "cache_hit_on_rerun": "cache hit" in out_warm,
                       "tokens_after_truncation": report["tokens_after_truncation"],
                       "estimate": report["estimate"]}
+    if stage == "dpo":
+        results[stage]["tokens_per_pair_mean"] = report["tokens_per_pair_mean"]
     if stage == "sft":
         results[stage]["packing_efficiency"] = report["packing_efficiency"]
         results[stage]["train_rows"] = report["train_rows"]
@@ -158,7 +160,8 @@ result = {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d"), "machine": pl
           "airoboros_mix": "synthetic, see AIROBOROS_MIX in bench_data.py", **results}
 print(f"\n{'stage':<6}{'rows read':>12}{'kept':>10}{'cold s':>9}{'warm s':>9}  notes")
 for stage, r in results.items():
-    note = f"packing {r['packing_efficiency']:.2%} of {r['train_rows']:,} rows" if stage == "sft" else ""
+    note = (f"packing {r['packing_efficiency']:.2%} of {r['train_rows']:,} rows" if stage == "sft"
+            else f"{r['tokens_per_pair_mean']:.0f} tokens per pair (chosen + rejected)")
     print(f"{stage:<6}{r['rows_read']:>12,}{r['rows_kept']:>10,}{r['cold_s']:>9.1f}{r['warm_s']:>9.1f}  {note}")
 Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
 print(f"written: {args.out}")

@@ -37,7 +37,7 @@ ap.add_argument("--layers", type=int, default=8, help="decoder layers of the sca
 ap.add_argument("--base_shards", type=int, default=4, help="shards the base is written in")
 ap.add_argument("--lora_r", type=int, default=64, help="rank of both random adapters")
 ap.add_argument("--max_shard_gb", type=float, default=0.25, help="merge.py's output shard size")
-ap.add_argument("--out", default=str(ROOT / "bench_merge.json"))
+ap.add_argument("--out", default=str(ROOT / "docs/bench_merge.json"), help="where the JSON result goes (the committed record)")
 args = ap.parse_args()
 
 import torch  # noqa: E402

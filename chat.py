@@ -4,12 +4,16 @@ Talk to the merged model in its prompt format, streaming tokens as they are gene
     python chat.py                                   # interactive, multi-turn (make chat)
     python chat.py --prompt "What is the capital of France?"   # one answer, then exit
     python chat.py --preset demo --prompt "..."      # the CPU demo's merged model
+    python chat.py --quantize_4bit                   # the merged 13B in NF4: fits a 12 GB card
+    python chat.py --model_dir models/Llama-2-13b-hf --quantize_4bit \
+        --adapters checkpoints/sft/final,checkpoints/dpo/final   # base + adapters, no merge needed
 
 Generation stops at EOS or when the model starts a new "### Human:" turn on its own.
 """
 
 import common  # first: offline switches
 
+import argparse
 import sys
 
 import torch
@@ -17,15 +21,36 @@ import torch
 from config import HUMAN, TURN_SEP, ChatConfig, parse_args, resolve
 
 cfg = parse_args(ChatConfig, sys.argv[1:])
-common.require_files(common.model_files(cfg.model_dir) + [resolve(cfg.model_dir) / "COMPLETE.json"], "make train")
+adapters = [a for a in cfg.adapters.split(",") if a]
+# a merged model is only used once complete; a base + adapters is checked adapter by adapter
+common.require_files(common.model_files(cfg.model_dir) + ([] if adapters else [resolve(cfg.model_dir) / "COMPLETE.json"]),
+                     "make train")
+for folder in adapters:
+    problems = common.verify_checkpoint(resolve(folder))
+    if problems:
+        sys.exit(f"--adapters: {folder} is not a complete, intact adapter ({'; '.join(problems)})")
 
 from transformers import AutoModelForCausalLM  # noqa: E402
 
 device = common.pick_device()
 torch.manual_seed(cfg.seed)
 tok = common.Tokenizer(cfg.model_dir)
-model = AutoModelForCausalLM.from_pretrained(resolve(cfg.model_dir), dtype=common.pick_dtype(cfg.dtype, device),
-                                             device_map={"": str(device)})
+if cfg.quantize_4bit or adapters:
+    # NF4 exactly as training loads it (13B: ~7.5 GB instead of 26), optionally with the LoRA
+    # adapters on top: chat with a run before (or instead of) merging it
+    from peft import PeftModel
+    model = common.load_base_model(cfg.model_dir, argparse.Namespace(
+        dtype=cfg.dtype, quantize_4bit=cfg.quantize_4bit, gradient_checkpointing=False), device)
+    for i, folder in enumerate(adapters):
+        if i == 0:
+            model = PeftModel.from_pretrained(model, resolve(folder), adapter_name=f"a{i}", is_trainable=False)
+        else:
+            model.load_adapter(resolve(folder), adapter_name=f"a{i}", is_trainable=False)
+    if adapters:
+        common.set_active_adapters(model, [f"a{i}" for i in range(len(adapters))])  # stacked, as merge.py adds them
+else:
+    model = AutoModelForCausalLM.from_pretrained(resolve(cfg.model_dir), dtype=common.pick_dtype(cfg.dtype, device),
+                                                 device_map={"": str(device)})
 model.eval()
 STOP_TEXT = TURN_SEP + HUMAN.rstrip("\n")  # "\n\n### Human:": the model trying to speak for the user
 

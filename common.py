@@ -278,6 +278,20 @@ def save_cached(cache_dir, key, tensors, report):
     os.replace(tmp, folder / f"{key}.safetensors")
 
 
+def load_or_prepare(cache_dir, key, prepare):
+    """(data, report, seconds, hit): the cached preparation under `key`, or prepare() run and
+    cached. The report gets the key and the digest of the data (what a resume checks)."""
+    t0 = time.time()
+    cached = load_cached(cache_dir, key)
+    if cached is None:
+        data, report = prepare()
+        save_cached(cache_dir, key, data, report)
+    else:
+        data, report = cached
+    report |= {"cache_key": key, "data_digest": data_digest(data)}
+    return data, report, time.time() - t0, cached is not None
+
+
 def flatten_sequences(seqs):
     """list of int lists -> (flat tensor, lengths tensor): how variable-length data is cached.
     np.fromiter over a chain is ~5x faster than torch.tensor on a nested list (50M tokens: 1 s)."""

@@ -197,13 +197,15 @@ class MergeConfig:
 
 @dataclass(frozen=True)
 class ChatConfig:
-    model_dir: str = "models/Llama-2-13b-airoboros-dpo"  # merged model folder
+    model_dir: str = "models/Llama-2-13b-airoboros-dpo"  # merged model folder (or the base, with --adapters)
     prompt: str = ""  # one-shot prompt; empty = interactive
     max_new_tokens: int = 256  # reply length cap in tokens
     temperature: float = 0.7  # 0 = greedy
     top_p: float = 0.9  # nucleus sampling: smallest token set with this much probability
     seed: int = 1337  # sampling seed
     dtype: str = "auto"  # auto = bf16 on GPU, fp32 on CPU
+    quantize_4bit: bool = False  # load in NF4 as in training: 13B in ~7.5 GB instead of 26 GB (bf16), for small cards
+    adapters: str = ""  # comma list of LoRA adapter folders applied in order on model_dir (then a base), e.g. checkpoints/sft/final,checkpoints/dpo/final
 
 
 @dataclass(frozen=True)

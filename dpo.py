@@ -132,15 +132,8 @@ data_key = common.data_fingerprint(
     [f for split in (cfg.split, "test") for f in data_files[split]] + [resolve(cfg.model_dir) / "tokenizer.model"],
     {k: getattr(cfg, k) for k in ("subsets", "split", "seed", "max_pairs", "eval_pairs", "max_len",
                                   "max_prompt_len", "max_bad_fraction")})
-t_prep = time.time()
-cached = common.load_cached(cfg.cache_dir, data_key)
-if cached is None:
-    data, report = prepare_data()
-    common.save_cached(cfg.cache_dir, data_key, data, report)
-else:
-    data, report = cached
-data_hash = common.data_digest(data)  # of the prepared tensors: checked on resume
-report |= {"cache_key": data_key, "data_digest": data_hash}
+data, report, t_prep, cache_hit = common.load_or_prepare(cfg.cache_dir, data_key, prepare_data)
+data_hash = report["data_digest"]  # of the prepared tensors: saved in every checkpoint, checked on resume
 # the run's cost before it starts: chosen + rejected tokens of every pair, every epoch
 n_tokens = int(data["train_chosen_len"].sum() + data["train_rejected_len"].sum())
 if cfg.max_steps > 0:
@@ -150,7 +143,7 @@ else:
 report["estimate"] = {"tokens": n_tokens, "flops_per_token": "8.5 x params (policy 6.5 + reference forward 2)",
                       "hours": common.hours_estimate(n_tokens, 8.5 * common.model_params(cfg.model_dir))}
 common.print_report({k: v for k, v in report.items() if k != "eval"})
-print(f"data: {'cache hit' if cached else 'prepared'} in {time.time() - t_prep:.1f}s (key {data_key})")
+print(f"data: {'cache hit' if cache_hit else 'prepared'} in {t_prep:.1f}s (key {data_key})")
 common.save_json(out_dir / "data_report.json", report)
 if prepare_only:
     print(f"data report written to {cfg.output_dir}/data_report.json")

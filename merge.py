@@ -120,11 +120,13 @@ with common.AtomicFolder(out_dir) as tmp:
     tok_cfg.pop("added_tokens_decoder", None)
     if tok_cfg.get("pad_token") in ("<pad>", {"content": "<pad>"}):
         tok_cfg.pop("pad_token")
-    # the prompt format as a chat template, so apply_chat_template / llama.cpp servers use the contract
+    # the prompt format as a chat template, so apply_chat_template / llama.cpp servers use the
+    # contract. It renders EXACTLY what training saw (common.format_prompt): earlier assistant
+    # turns carry no </s> inside a prompt (tested against format_prompt on a multi-turn chat).
     tok_cfg["chat_template"] = (
         "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}"
         + HUMAN + "{{ m['content'] }}" + TURN_SEP
-        + "{% elif m['role'] == 'assistant' %}" + ASSISTANT + "{{ m['content'] }}{{ eos_token }}"
+        + "{% elif m['role'] == 'assistant' %}" + ASSISTANT + "{{ m['content'] }}"
         + TURN_SEP + "{% endif %}{% endfor %}{% if add_generation_prompt %}"
         + ASSISTANT + "{% endif %}")
     (tmp / "tokenizer_config.json").write_text(json.dumps(tok_cfg, indent=2))

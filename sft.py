@@ -108,22 +108,15 @@ def prepare_data():
     return data, report.to_dict()
 
 
-t_prep = time.time()
-cached = common.load_cached(cfg.cache_dir, data_key)
-if cached is None:
-    data, report = prepare_data()
-    common.save_cached(cfg.cache_dir, data_key, data, report)
-else:
-    data, report = cached
-data_hash = common.data_digest(data)  # of the prepared tensors: checked on resume
-report |= {"cache_key": data_key, "data_digest": data_hash}
+data, report, t_prep, cache_hit = common.load_or_prepare(cfg.cache_dir, data_key, prepare_data)
+data_hash = report["data_digest"]  # of the prepared tensors: saved in every checkpoint, checked on resume
 # the run's cost before it starts: every packed token (padding included) of every step
 rows_total = (cfg.max_steps * cfg.micro_batch_size * cfg.grad_accum if cfg.max_steps > 0
               else math.ceil(cfg.num_epochs * len(data["train_ids"])))
 report["estimate"] = {"tokens": rows_total * cfg.max_seq_len, "flops_per_token": "6.5 x params",
                       "hours": common.hours_estimate(rows_total * cfg.max_seq_len, 6.5 * common.model_params(cfg.model_dir))}
 common.print_report(report)
-print(f"data: {'cache hit' if cached else 'prepared'} in {time.time() - t_prep:.1f}s (key {data_key})")
+print(f"data: {'cache hit' if cache_hit else 'prepared'} in {t_prep:.1f}s (key {data_key})")
 common.save_json(out_dir / "data_report.json", report)
 if prepare_only:
     print(f"data report written to {cfg.output_dir}/data_report.json")

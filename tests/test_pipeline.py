@@ -111,6 +111,22 @@ def test_chat_answers_from_the_merged_model(pipeline):
     assert "### Assistant:" in p.stdout
 
 
+def test_chat_base_plus_adapters_equals_merged_and_runs_in_4bit(pipeline):
+    """Chat before merging (base + both adapters) answers like the merged model (greedy, fp32);
+    the merged model also loads in NF4 for small cards."""
+    root, _ = pipeline
+    ask = ["--preset", "demo", "--prompt", "What is the capital of France?", "--max_new_tokens", "16"]
+    merged = run("chat.py", *ask, "--model_dir", root / "models/merged").stdout
+    stacked = run("chat.py", *ask, "--model_dir", root / "models/demo-llama", "--quantize_4bit", "false",
+                  "--adapters", f"{root}/checkpoints/sft/final,{root}/checkpoints/dpo/final").stdout
+    answer = lambda out: out.split("### Assistant:", 1)[1].strip()  # noqa: E731
+    assert answer(merged) and answer(stacked) == answer(merged)
+    nf4 = run("chat.py", *ask, "--model_dir", root / "models/merged", "--quantize_4bit", "true").stdout
+    assert "### Assistant:" in nf4
+    bad = run("chat.py", *ask, "--model_dir", root / "models/demo-llama", "--adapters", root / "nope", check=False)
+    assert bad.returncode != 0 and "--adapters" in bad.stdout
+
+
 def test_rerun_after_finish_does_nothing(pipeline):
     root, _ = pipeline
     for stage in ("sft", "dpo", "merge"):
@@ -153,3 +169,16 @@ def test_resume_refuses_changed_frozen_fields(demo_root, tmp_path):
     assert p.returncode != 0 and "lora_r: checkpoint 8 -> now 4" in p.stdout
     p = run("sft.py", *stage_args(demo_root, "sft", output_dir=out), "--max_steps", "4", "--save_steps", "2")
     assert "max_steps changed 2 -> 4 (allowed)" in p.stdout
+
+
+def test_chat_template_renders_the_training_prompt(pipeline):
+    """The merged model's chat template (used by apply_chat_template, llama.cpp servers, the GGUF)
+    must produce exactly the prompt training used, multi-turn included."""
+    import jinja2
+    root, _ = pipeline
+    template = json.loads((root / "models/merged/tokenizer_config.json").read_text())["chat_template"]
+    turns = ["Hi there", "Hello! How can I help?", "Name a colour.\nJust one."]
+    messages = [{"role": "user" if i % 2 == 0 else "assistant", "content": t} for i, t in enumerate(turns)]
+    rendered = jinja2.Template(template).render(messages=messages, bos_token="<s>", eos_token="</s>",
+                                                add_generation_prompt=True)
+    assert rendered == "<s>" + common.format_prompt(turns)
