@@ -115,6 +115,8 @@ class SFTConfig:
     dtype: str = "auto"  # compute dtype: auto = bf16 on GPUs that have it, fp16 on older GPUs, fp32 on CPU
     quantize_4bit: bool = True  # NF4 + double quant base (QLoRA); False only for debugging on tiny models
     gradient_checkpointing: bool = True  # recompute activations in backward: ~40x less activation memory, ~30% more compute
+    logits_chunk: int = 1024  # tokens whose [., 32000] fp32 logits exist at once (chunked CE, recomputed in backward); 0 = all
+    max_vram_gib: float = 23.6  # GPU memory budget: one worst-case step is run first and the run refused if it needs more; 0 = no check
     lora_r: int = 128  # adapter rank: higher = more capacity, more memory (r=128 on 13B is 0.50B params)
     lora_alpha: int = 16  # LoRA scale is alpha / r (Guanaco used alpha 16)
     lora_dropout: float = 0.05  # dropout on the adapter input (Guanaco: 0.05 for 13B/33B)
@@ -162,6 +164,8 @@ class DPOConfig:
     dtype: str = "auto"  # same as SFT: auto = bf16 / fp16 on GPU, fp32 on CPU
     quantize_4bit: bool = True  # NF4 + double quant base, as in SFT (the SFT adapter was trained against it)
     gradient_checkpointing: bool = True  # recompute activations in backward: needed for 2 x 1536 tokens on 24 GB
+    logits_chunk: int = 1024  # tokens whose fp32 logits exist at once when computing log-probs (chunked); 0 = all
+    max_vram_gib: float = 23.6  # GPU memory budget: one worst-case step is run first and the run refused if it needs more; 0 = no check
     lora_r: int = 128  # the DPO adapter stacked on the frozen SFT adapter
     lora_alpha: int = 16  # DPO adapter scale = alpha / r
     lora_dropout: float = 0.0  # 0: policy and reference must agree exactly at step 0 (TRL disables dropout for DPO too)

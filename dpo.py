@@ -201,9 +201,10 @@ def forward_logps(batch):
     ids, labels, pos, seq = (t.to(device) for t in common.pack_pairs(batch))  # padding-free, chosen+rejected in one row
     with torch.no_grad():
         common.set_active_adapters(model, ["sft"])  # the reference = the SFT model, exactly
-        ref = common.sequence_logps(model(input_ids=ids, position_ids=pos, use_cache=False).logits, labels, seq, 2 * len(batch))
+        ref = common.sequence_logps(common.token_logps(model, ids, pos, labels, cfg.logits_chunk), seq, 2 * len(batch))
         common.set_active_adapters(model, ["sft", "dpo"])
-    policy = common.sequence_logps(model(input_ids=ids, position_ids=pos, use_cache=False).logits, labels, seq, 2 * len(batch))
+    # log-probs in chunks of logits_chunk tokens: 2 x 1536 tokens of fp32 logits would be 393 MB x 3
+    policy = common.sequence_logps(common.token_logps(model, ids, pos, labels, cfg.logits_chunk), seq, 2 * len(batch))
     return policy, ref
 
 
@@ -228,6 +229,16 @@ def save(folder):
         "data_digest": data_hash})
     common.prune_checkpoints(out_dir, cfg.keep_last)
 
+
+# Preflight (GPU only): one micro-step on the LONGEST pairs of the run must fit max_vram_gib.
+def worst_case_step():
+    batch = sorted(pairs, key=lambda p: -(len(p[0]) + len(p[2])))[:cfg.micro_batch_size]
+    policy, ref = forward_logps(batch)
+    common.dpo_loss(policy[0::2], policy[1::2], ref[0::2], ref[1::2], cfg.beta)[0].sum().backward()
+
+
+model.train()  # checkpointing is only active in train mode: measure the mode we train in
+common.preflight(worst_case_step, params, cfg, device, "DPO micro-step on the longest pairs")
 
 # -----------------------------------------------------------------------------
 # Training loop.

@@ -34,7 +34,6 @@ import types
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from common import IGNORE, Tokenizer
 from config import HUMAN, TURN_SEP, EvalConfig, parse_args, print_config, resolve, to_dict
@@ -162,11 +161,11 @@ with torch.no_grad():
         t0, total, count = time.time(), 0.0, 0
         for i in range(0, n_rows, sft_cfg.micro_batch_size):  # sft.py's batch shape: same numerics
             ids, labels, pos = (t[i:i + sft_cfg.micro_batch_size] for t in sft_rows)
-            logits = model(input_ids=ids.to(device), position_ids=pos.to(device), use_cache=False).logits
-            targets = labels[:, 1:].to(device)  # token t is predicted from position t-1
-            total += F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE,
-                                     reduction="sum").item()
-            count += int((targets != IGNORE).sum())
+            # the very loss sft.py computes (common.token_logps, same chunking): same numbers as it logged
+            logp = common.token_logps(model, ids.to(device), pos.to(device), labels.to(device),
+                                      getattr(sft_cfg, "logits_chunk", 1024))
+            total += -logp.sum().item()
+            count += int((labels[:, 1:] != IGNORE).sum())
         loss = total / max(count, 1) if count else float("nan")
         results[name] |= {"sft_eval_loss": loss, "sft_perplexity": math.exp(loss) if count else float("nan"),
                           "sft_eval_tokens": count}
@@ -199,8 +198,8 @@ with torch.no_grad():
         ids, labels, pos, seq = (t.to(device) for t in common.pack_pairs(batch))  # as dpo.py packs them
         for name, adapters in MODELS.items():
             common.set_active_adapters(model, adapters)
-            out = model(input_ids=ids, position_ids=pos, use_cache=False).logits
-            logps[name].append(common.sequence_logps(out, labels, seq, 2 * len(batch)).view(-1, 2).cpu())
+            lp = common.token_logps(model, ids, pos, labels, getattr(dpo_cfg, "logits_chunk", 1024))
+            logps[name].append(common.sequence_logps(lp, seq, 2 * len(batch)).view(-1, 2).cpu())
     print(f"preference eval: {len(pairs)} pairs x {len(MODELS)} models in {time.time() - t0:.1f}s", flush=True)
 
 # reply + EOS tokens per side: the length normalisation, and a length-bias diagnostic

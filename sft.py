@@ -21,7 +21,6 @@ import sys
 import time
 
 import torch
-import torch.nn.functional as F
 
 from common import IGNORE, DataReport, Tokenizer
 from config import SFTConfig, parse_args, print_config, resolve, to_dict
@@ -166,11 +165,11 @@ def rows_for_step(s):
 
 
 def loss_sum(ids, labels, pos):
-    """Summed next-token cross-entropy over labelled tokens (reply + EOS) and their count."""
-    logits = model(input_ids=ids.to(device), position_ids=pos.to(device), use_cache=False).logits
-    targets = labels[:, 1:].to(device)  # token t is predicted from position t-1
-    loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE, reduction="sum")
-    return loss, (targets != IGNORE).sum().item()
+    """Summed next-token cross-entropy over labelled tokens (reply + EOS) and their count.
+    = -sum log p(label_t | tokens before t), computed without ever holding the full
+    [2048, 32000] fp32 logits (common.token_logps: lm_head + log-softmax in chunks)."""
+    logp = common.token_logps(model, ids.to(device), pos.to(device), labels.to(device), cfg.logits_chunk)
+    return -logp.sum(), int((labels[:, 1:] != IGNORE).sum())
 
 
 @torch.no_grad()
@@ -195,6 +194,13 @@ def save(folder):
         "data_digest": data_hash})
     common.prune_checkpoints(out_dir, cfg.keep_last)
 
+
+# Preflight (GPU only): one micro-step on a full micro-batch of 2048-token rows, the largest
+# this run will see, must fit max_vram_gib; otherwise stop now, with the knobs to turn.
+model.train()  # checkpointing is only active in train mode: measure the mode we train in
+common.preflight(lambda: loss_sum(train_ids[:cfg.micro_batch_size], train_labels[:cfg.micro_batch_size],
+                                  train_pos[:cfg.micro_batch_size])[0].backward(), params, cfg, device,
+                 f"SFT micro-step ({cfg.micro_batch_size} x {cfg.max_seq_len} tokens)")
 
 # -----------------------------------------------------------------------------
 # Training loop: grad accumulation over micro-batches, one optimizer step, log/eval/save.

@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 import common
+from common import IGNORE
 from conftest import run, stage_args
 
 SAFE_SUFFIXES = {".safetensors", ".json", ".jsonl"}
@@ -74,12 +75,42 @@ def test_dpo_loss_matches_hand_computation():
 
 
 def test_sequence_logps_sums_only_labelled_tokens():
-    logits = torch.randn(1, 6, 11)
-    labels = torch.tensor([[-100, 3, 4, -100, -100, 7]])
+    token_lp = torch.tensor([[-1.0, -2.0, -0.0, -0.0, -4.0]])  # token_logps output: 0 where not scored
     seq = torch.tensor([[0, 0, 0, 1, 1, 1]])
-    got = common.sequence_logps(logits, labels, seq, 2)
-    lp = torch.log_softmax(logits[0], -1)
-    assert got.tolist() == pytest.approx([(lp[0, 3] + lp[1, 4]).item(), lp[4, 7].item()], abs=1e-5)
+    assert common.sequence_logps(token_lp, seq, 2).tolist() == [-3.0, -4.0]
+
+
+@pytest.mark.parametrize("chunk", [0, 7, 64])
+def test_chunked_logps_equal_full_logits_and_gradients(demo_root, chunk):
+    """The chunked lm_head + log-softmax (no full [T, vocab] logits) gives the plain loss and the
+    same LoRA gradients, on a packed row with prompt masks, through the real NF4 + LoRA model."""
+    import types
+    from peft import get_peft_model
+    cfg = types.SimpleNamespace(dtype="float32", quantize_4bit=True, gradient_checkpointing=True, lora_r=4,
+                                lora_alpha=8, lora_dropout=0.0, lora_targets="q_proj,v_proj,down_proj")
+    torch.manual_seed(0)
+    model = get_peft_model(common.load_base_model(demo_root / "models/demo-llama", cfg, torch.device("cpu")),
+                           common.lora_config(cfg), adapter_name="sft")
+    for n, p in model.named_parameters():
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, std=0.05)  # B = 0 at init would make every gradient path trivial
+    model.train()
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, 500, (2, 150), generator=g)
+    pos = torch.cat([torch.arange(60), torch.arange(90)]).repeat(2, 1)
+    labels = ids.clone()
+    labels[:, :20] = IGNORE
+    labels[:, 60:75] = IGNORE
+    logits = model(input_ids=ids, position_ids=pos, use_cache=False).logits
+    full = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
+                                             ignore_index=IGNORE, reduction="sum")
+    full.backward()
+    want = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    chunked = -common.token_logps(model, ids, pos, labels, chunk).sum()
+    chunked.backward()
+    assert chunked.item() == pytest.approx(full.item(), rel=1e-6)
+    assert want and all(torch.allclose(p.grad, want[n], rtol=1e-4, atol=1e-5) for n, p in model.named_parameters() if n in want)
 
 
 def test_merged_logits_equal_base_plus_adapters(pipeline):
