@@ -29,6 +29,8 @@ GGUF_TYPES ?= f16,q8_0
 # extra export_gguf.py flags, e.g. --out_dir /big/disk --verify on
 GGUF_ARGS ?=
 PROMPT ?= What is the capital of France?
+# data-parallel processes for sft and dpo (one per GPU; >1 runs them under accelerate launch)
+NPROC ?= 1
 # 1 = verify hashes every file (slow), not only sizes
 FULL ?=
 # pip platform tag of the airgapped box for wheels/ (empty = this machine), e.g. manylinux_2_28_x86_64
@@ -38,6 +40,13 @@ PY := $(VENV)/bin/python
 ifeq ($(filter $(PRESET),full demo),)
 $(error PRESET must be 'full' or 'demo', got '$(PRESET)')
 endif
+
+ifeq ($(shell [[ "$(NPROC)" =~ ^[1-9][0-9]*$$ ]] && echo ok),)
+$(error NPROC must be a whole number >= 1, got '$(NPROC)')
+endif
+# NPROC=1: plain python; more: accelerate launch (torchrun underneath) sets RANK/WORLD_SIZE and
+# the scripts split each optimizer step's micro-batches between the processes (common.Distributed)
+TRAIN_PY := $(if $(filter 1,$(NPROC)),$(PY),$(PY) -m accelerate.commands.launch --multi_gpu --num_processes $(NPROC) --num_machines 1 --mixed_precision no --dynamo_backend no)
 
 # pip installs from wheels/ with no index at all when that folder exists (airgapped box)
 PIP_SOURCE := $(if $(wildcard wheels/*.whl),--no-index --find-links wheels,)
@@ -72,17 +81,17 @@ demo-assets: venv
 
 # Stage 1, QLoRA SFT on Airoboros; resumes from the newest checkpoint.  make sft SFT_ARGS="--max_steps 100"
 sft: venv verify
-	$(PY) sft.py --preset $(PRESET) $(SFT_ARGS)
+	$(TRAIN_PY) sft.py --preset $(PRESET) $(SFT_ARGS)
 
 # Stage 2, DPO on hh-rlhf from the SFT adapter; needs a complete SFT.  make dpo DPO_ARGS="--beta 0.2"
 dpo: sft
-	$(PY) dpo.py --preset $(PRESET) $(DPO_ARGS)
+	$(TRAIN_PY) dpo.py --preset $(PRESET) $(DPO_ARGS)
 
 # Stage 3, merge both adapters into the original fp16 weights.  make merge
 merge: dpo
 	$(PY) merge.py --preset $(PRESET) $(MERGE_ARGS)
 
-# All stages; finished ones are skipped, an interrupted one resumes.  make train
+# All stages; finished ones are skipped, an interrupted one resumes.  make train NPROC=2
 train: merge
 
 # The whole pipeline on a 2-layer Llama, on CPU, then a reply from the merged model.  make demo

@@ -63,7 +63,64 @@ def is_complete(folder):
 
 
 def pick_device():
-    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    # under a launcher (make train NPROC=N), each process drives the GPU of its LOCAL_RANK
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else torch.device("cpu")
+
+
+class Distributed:
+    """Data parallelism for `make train NPROC=N` (accelerate launch / torchrun set RANK, WORLD_SIZE).
+
+    The scheme is plain and explicit: every process holds the same model and optimizer; each
+    optimizer step's micro-batches are dealt out round-robin (rank r takes items r, r+N, ...);
+    after backward the LoRA gradients are summed across processes (the loss is already
+    normalised by the WHOLE step's token count), so every replica takes the identical optimizer
+    step and stays in sync without broadcasting weights. Rank 0 alone writes checkpoints, logs
+    and prints. With one process every method is a no-op: the single-GPU path is unchanged."""
+
+    def __init__(self):
+        self.world = int(os.environ.get("WORLD_SIZE", 1))
+        self.rank = int(os.environ.get("RANK", 0))
+        self.main = self.rank == 0
+        if self.world > 1:
+            import torch.distributed as dist
+            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")  # gloo: CPU (tests)
+            if torch.cuda.is_available():
+                torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+            if not self.main:
+                sys.stdout = open(os.devnull, "w")  # one voice: rank 0 prints; errors still reach stderr
+
+    def _reduce(self, t, op="sum"):
+        import torch.distributed as dist
+        dist.all_reduce(t, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
+        return t
+
+    def sum(self, x):
+        """A Python number summed over processes."""
+        if self.world == 1:
+            return x
+        return self._reduce(torch.tensor(float(x), dtype=torch.float64, device=self._dev())).item()
+
+    def any(self, flag):
+        """True on every process if it is True on one (a Ctrl+C reaches them at slightly different steps)."""
+        if self.world == 1:
+            return bool(flag)
+        return bool(self._reduce(torch.tensor(int(bool(flag)), device=self._dev()), "max").item())
+
+    def sum_grads(self, params):
+        if self.world == 1:
+            return
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)  # a rank without a micro-batch still takes part
+            self._reduce(p.grad)
+
+    def barrier(self):
+        if self.world > 1:
+            import torch.distributed as dist
+            dist.barrier()
+
+    def _dev(self):
+        return pick_device() if torch.cuda.is_available() else torch.device("cpu")
 
 
 def pick_dtype(name, device):
@@ -271,7 +328,7 @@ def save_cached(cache_dir, key, tensors, report):
         return
     folder = resolve(cache_dir)
     folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / f"{key}.safetensors.tmp"
+    tmp = folder / f"{key}.safetensors.{os.getpid()}.tmp"  # per process: N launched ranks may race here
     # int32 halves the file (ids < 32000, positions < 4096); tmp + rename: never half an entry
     save_file({k: v.to(torch.int32).contiguous() for k, v in tensors.items()}, str(tmp),
               metadata={"report": json.dumps(report)})
@@ -868,7 +925,7 @@ class StopRequest:
 
     def exit(self, command):
         print(f"stopped. resume with the same command:\n  {command}", flush=True)
-        sys.exit(128 + self.signum)
+        sys.exit(128 + (self.signum or signal.SIGTERM))  # a rank told by another rank has no signum
 
 
 # -----------------------------------------------------------------------------
@@ -876,18 +933,20 @@ class StopRequest:
 
 
 class MetricLog:
-    def __init__(self, output_dir, history=()):
+    def __init__(self, output_dir, history=(), write=True):
         self.path = Path(output_dir) / "metrics.jsonl"
-        self.history = list(history)
+        self.history, self.write = list(history), write  # write: rank 0 only under NPROC > 1
         # rewrite from the checkpoint's history: lines logged after it (by the run that was
         # interrupted) describe steps that are about to be redone
-        self.path.write_text("".join(json.dumps(h) + "\n" for h in self.history))
+        if write:
+            self.path.write_text("".join(json.dumps(h) + "\n" for h in self.history))
         self.t0 = time.time()
 
     def log(self, record):
         self.history.append(record)
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        if self.write:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
 
 
 def fmt_duration(seconds):
@@ -936,6 +995,6 @@ def memory_gib(device):
 
 
 def save_json(path, obj):
-    tmp = Path(str(path) + ".tmp")
+    tmp = Path(f"{path}.{os.getpid()}.tmp")  # per process: launched ranks may write the same file
     tmp.write_text(json.dumps(obj, indent=2))
     tmp.replace(path)

@@ -33,6 +33,7 @@ from config import DPOConfig, parse_args, print_config, resolve, to_dict
 
 cfg, switches = parse_args(DPOConfig, sys.argv[1:], flags=[("--prepare-only", "prepare the data, write data_report.json, stop")])
 prepare_only = "--prepare-only" in switches
+dist = common.Distributed()  # NPROC > 1 (make train NPROC=N): one process per GPU, rank 0 writes
 print_config(cfg)
 out_dir, final_dir = resolve(cfg.output_dir), resolve(cfg.output_dir) / "final"
 resume_cmd = " ".join(["python"] + sys.argv)
@@ -180,6 +181,9 @@ print(f"model: {cfg.model_dir} + {cfg.sft_dir} on {device} ({common.pick_dtype(c
 optimizer = common.make_optimizer(params, cfg)
 
 pairs_per_step = cfg.micro_batch_size * cfg.grad_accum
+if cfg.grad_accum % dist.world:
+    sys.exit(f"--grad_accum {cfg.grad_accum} must be a multiple of the {dist.world} processes "
+             f"(each takes grad_accum / {dist.world} micro-batches of every step)")
 total_steps = cfg.max_steps if cfg.max_steps > 0 else math.ceil(cfg.num_epochs * len(pairs) / pairs_per_step)
 
 step, history = 0, []
@@ -187,7 +191,7 @@ if ckpt is not None:
     state = common.load_training_state(ckpt, model, "dpo", optimizer)
     step, history = state["step"], state["history"]
     print(f"resumed from {ckpt.relative_to(out_dir.parent)} at step {step}/{total_steps}")
-log = common.MetricLog(out_dir, history)
+log = common.MetricLog(out_dir, history, write=dist.main)
 
 
 def pairs_for_step(s):
@@ -212,22 +216,24 @@ def forward_logps(batch):
 def evaluate():
     model.eval()
     sums = {"eval_loss": 0.0, "eval_acc": 0.0, "eval_margin": 0.0}
-    for i in range(0, len(eval_pairs), cfg.micro_batch_size):
-        policy, ref = forward_logps(eval_pairs[i:i + cfg.micro_batch_size])
+    for i in range(cfg.micro_batch_size * dist.rank, len(eval_pairs), cfg.micro_batch_size * dist.world):
+        policy, ref = forward_logps(eval_pairs[i:i + cfg.micro_batch_size])  # this process's share
         loss, rc, rr = common.dpo_loss(policy[0::2], policy[1::2], ref[0::2], ref[1::2], cfg.beta)
         sums["eval_loss"] += loss.sum().item()
         sums["eval_acc"] += (rc > rr).float().sum().item()
         sums["eval_margin"] += (rc - rr).sum().item()
     model.train()
-    return {k: v / max(len(eval_pairs), 1) for k, v in sums.items()}
+    return {k: dist.sum(v) / max(len(eval_pairs), 1) for k, v in sums.items()}
 
 
 def save(folder):
-    common.save_training_state(folder, model, "dpo", optimizer, {
-        "step": step, "total_steps": total_steps, "pairs_consumed": step * pairs_per_step,
-        "epoch": step * pairs_per_step / len(pairs), "history": log.history, "config": to_dict(cfg),
-        "data_digest": data_hash})
-    common.prune_checkpoints(out_dir, cfg.keep_last)
+    if dist.main:  # every replica is identical: one writes
+        common.save_training_state(folder, model, "dpo", optimizer, {
+            "step": step, "total_steps": total_steps, "pairs_consumed": step * pairs_per_step,
+            "epoch": step * pairs_per_step / len(pairs), "history": log.history, "config": to_dict(cfg),
+            "data_digest": data_hash})
+        common.prune_checkpoints(out_dir, cfg.keep_last)
+    dist.barrier()
 
 
 # Preflight (GPU only): one micro-step on the LONGEST pairs of the run must fit max_vram_gib.
@@ -252,8 +258,10 @@ while step < total_steps:
         group["lr"] = lr
     idx = pairs_for_step(step)
     m = {"loss": 0.0, "reward_acc": 0.0, "reward_chosen": 0.0, "reward_rejected": 0.0, "margin": 0.0}
-    for i in range(0, len(idx), cfg.micro_batch_size):
-        batch = [pairs[j] for j in idx[i:i + cfg.micro_batch_size]]
+    if dist.world > 1:
+        torch.manual_seed(cfg.seed * 1_000_003 + step * 1009 + dist.rank)  # per (step, rank): exact resume
+    for i in range(cfg.micro_batch_size * dist.rank, len(idx), cfg.micro_batch_size * dist.world):
+        batch = [pairs[j] for j in idx[i:i + cfg.micro_batch_size]]  # this process's micro-batches
         policy, ref = forward_logps(batch)
         loss, rc, rr = common.dpo_loss(policy[0::2], policy[1::2], ref[0::2], ref[1::2], cfg.beta)
         (loss.sum() / len(idx)).backward()  # mean over the step's pairs
@@ -263,6 +271,8 @@ while step < total_steps:
         m["reward_rejected"] += rr.sum().item() / len(idx)
         m["margin"] += (rc - rr).sum().item() / len(idx)
         tokens_since += sum(len(b[0]) + len(b[2]) for b in batch)
+    dist.sum_grads(params)  # NPROC > 1: the whole step's gradient on every replica
+    m = {k: dist.sum(v) for k, v in m.items()}
     grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
@@ -273,7 +283,7 @@ while step < total_steps:
         record |= evaluate()
     if step % cfg.log_steps == 0 or step == total_steps or "eval_loss" in record:
         now = time.time()
-        tok_s = tokens_since / max(now - t_last, 1e-9)
+        tok_s = dist.sum(tokens_since) / max(now - t_last, 1e-9)
         eta = (now - t_start) / max(step - start_step, 1) * (total_steps - step)
         record |= {"tok_s": tok_s, "mem_gib": common.memory_gib(device), "elapsed_s": now - t_start}
         print(f"step {step:05d}/{total_steps:05d} ({100 * step / total_steps:.1f}%) | loss {m['loss']:.4f}"
@@ -284,9 +294,10 @@ while step < total_steps:
               flush=True)
         t_last, tokens_since = now, 0
     log.log(record)
-    if step % cfg.save_steps == 0 or step == total_steps or stop.requested:
+    stopping = dist.any(stop.requested)  # all processes stop at the same step
+    if step % cfg.save_steps == 0 or step == total_steps or stopping:
         save(out_dir / f"step_{step:06d}")
-    if stop.requested:
+    if stopping:
         stop.exit(resume_cmd)
 
 # -----------------------------------------------------------------------------
@@ -299,6 +310,8 @@ summary = {"steps": step, "final_loss": log.history[-1]["loss"] if log.history e
            "final_eval_margin": evals[-1]["eval_margin"] if evals else None,
            "peak_mem_gib": common.memory_gib(device), "wall_s": time.time() - t_start}
 tensors, jsons = common.adapter_files(model, "dpo")
-common.write_checkpoint(final_dir, tensors, jsons | {"config.json": to_dict(cfg), "summary.json": summary})
+if dist.main:
+    common.write_checkpoint(final_dir, tensors, jsons | {"config.json": to_dict(cfg), "summary.json": summary})
+dist.barrier()
 print("dpo done: " + " | ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in summary.items()))
 print(f"adapter: {cfg.output_dir}/final")

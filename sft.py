@@ -27,6 +27,7 @@ from config import SFTConfig, parse_args, print_config, resolve, to_dict
 
 cfg, switches = parse_args(SFTConfig, sys.argv[1:], flags=[("--prepare-only", "prepare the data, write data_report.json, stop")])
 prepare_only = "--prepare-only" in switches
+dist = common.Distributed()  # NPROC > 1 (make train NPROC=N): one process per GPU, rank 0 writes
 print_config(cfg)
 out_dir, final_dir = resolve(cfg.output_dir), resolve(cfg.output_dir) / "final"
 resume_cmd = " ".join(["python"] + sys.argv)
@@ -146,6 +147,9 @@ print(f"model: {cfg.model_dir} on {device} ({common.pick_dtype(cfg.dtype, device
 optimizer = common.make_optimizer(params, cfg)
 
 rows_per_step = cfg.micro_batch_size * cfg.grad_accum
+if rows_per_step % (cfg.micro_batch_size * dist.world):
+    sys.exit(f"--grad_accum {cfg.grad_accum} must be a multiple of the {dist.world} processes "
+             f"(each takes grad_accum / {dist.world} micro-batches of every step)")
 total_steps = cfg.max_steps if cfg.max_steps > 0 else math.ceil(cfg.num_epochs * len(train_ids) / rows_per_step)
 
 # -----------------------------------------------------------------------------
@@ -156,7 +160,7 @@ if ckpt is not None:
     state = common.load_training_state(ckpt, model, "sft", optimizer)
     step, history = state["step"], state["history"]
     print(f"resumed from {ckpt.relative_to(out_dir.parent)} at step {step}/{total_steps}")
-log = common.MetricLog(out_dir, history)
+log = common.MetricLog(out_dir, history, write=dist.main)
 
 
 def rows_for_step(s):
@@ -179,20 +183,22 @@ def evaluate():
     model.eval()
     total, count = 0.0, 0
     n = len(eval_ids) if cfg.eval_max_rows == 0 else min(cfg.eval_max_rows, len(eval_ids))
-    for i in range(0, n, cfg.micro_batch_size):
+    for i in range(cfg.micro_batch_size * dist.rank, n, cfg.micro_batch_size * dist.world):  # this process's share
         s, c = loss_sum(eval_ids[i:i + cfg.micro_batch_size], eval_labels[i:i + cfg.micro_batch_size],
                         eval_pos[i:i + cfg.micro_batch_size])
         total, count = total + s.item(), count + c
     model.train()
-    return total / max(count, 1)
+    return dist.sum(total) / max(dist.sum(count), 1)
 
 
 def save(folder):
-    common.save_training_state(folder, model, "sft", optimizer, {
-        "step": step, "total_steps": total_steps, "rows_consumed": step * rows_per_step,
-        "epoch": step * rows_per_step / len(train_ids), "history": log.history, "config": to_dict(cfg),
-        "data_digest": data_hash})
-    common.prune_checkpoints(out_dir, cfg.keep_last)
+    if dist.main:  # every replica is identical: one writes
+        common.save_training_state(folder, model, "sft", optimizer, {
+            "step": step, "total_steps": total_steps, "rows_consumed": step * rows_per_step,
+            "epoch": step * rows_per_step / len(train_ids), "history": log.history, "config": to_dict(cfg),
+            "data_digest": data_hash})
+        common.prune_checkpoints(out_dir, cfg.keep_last)
+    dist.barrier()
 
 
 # Preflight (GPU only): one micro-step on a full micro-batch of 2048-token rows, the largest
@@ -216,13 +222,19 @@ while step < total_steps:
     # normalise by the labelled tokens of the WHOLE step, not per micro-batch: every reply
     # token weighs the same however the examples landed in rows
     n_labelled = int((train_labels[rows][:, 1:] != IGNORE).sum())
+    if dist.world > 1:
+        # dropout differs per process; seeding it from (seed, step, rank) makes a resumed
+        # multi-process run exact without saving N RNG states
+        torch.manual_seed(cfg.seed * 1_000_003 + step * 1009 + dist.rank)
     step_loss = 0.0
-    for i in range(0, len(rows), cfg.micro_batch_size):
-        mb = rows[i:i + cfg.micro_batch_size]
+    micro = [rows[i:i + cfg.micro_batch_size] for i in range(0, len(rows), cfg.micro_batch_size)]
+    for mb in micro[dist.rank::dist.world]:  # this process's micro-batches (all of them when NPROC=1)
         loss, _ = loss_sum(train_ids[mb], train_labels[mb], train_pos[mb])
         (loss / n_labelled).backward()
         step_loss += loss.item() / n_labelled
         tokens_since += int(train_real[mb].sum())  # real tokens only: padding is not throughput
+    dist.sum_grads(params)  # NPROC > 1: the whole step's gradient on every replica
+    step_loss = dist.sum(step_loss)
     grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
@@ -233,7 +245,7 @@ while step < total_steps:
         record["eval_loss"] = evaluate()
     if step % cfg.log_steps == 0 or step == total_steps or "eval_loss" in record:
         now = time.time()
-        tok_s = tokens_since / max(now - t_last, 1e-9)
+        tok_s = dist.sum(tokens_since) / max(now - t_last, 1e-9)
         eta = (now - t_start) / max(step - start_step, 1) * (total_steps - step)
         record |= {"tok_s": tok_s, "mem_gib": common.memory_gib(device), "elapsed_s": now - t_start}
         print(f"step {step:05d}/{total_steps:05d} ({100 * step / total_steps:.1f}%) | loss {step_loss:.4f}"
@@ -242,9 +254,10 @@ while step < total_steps:
               + f" | mem {record['mem_gib']:.1f} GiB | eta {common.fmt_duration(eta)}", flush=True)
         t_last, tokens_since = now, 0
     log.log(record)
-    if step % cfg.save_steps == 0 or step == total_steps or stop.requested:
+    stopping = dist.any(stop.requested)  # all processes stop at the same step
+    if step % cfg.save_steps == 0 or step == total_steps or stopping:
         save(out_dir / f"step_{step:06d}")
-    if stop.requested:
+    if stopping:
         stop.exit(resume_cmd)
 
 # -----------------------------------------------------------------------------
@@ -255,6 +268,8 @@ summary = {"steps": step, "final_train_loss": log.history[-1]["loss"] if log.his
            "final_eval_loss": evals[-1] if evals else None, "best_eval_loss": min(evals) if evals else None,
            "peak_mem_gib": common.memory_gib(device), "wall_s": time.time() - t_start}
 tensors, jsons = common.adapter_files(model, "sft")
-common.write_checkpoint(final_dir, tensors, jsons | {"config.json": to_dict(cfg), "summary.json": summary})
+if dist.main:
+    common.write_checkpoint(final_dir, tensors, jsons | {"config.json": to_dict(cfg), "summary.json": summary})
+dist.barrier()
 print("sft done: " + " | ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in summary.items()))
 print(f"adapter: {cfg.output_dir}/final")

@@ -1,0 +1,77 @@
+"""Protects `make train NPROC=N`: the same scripts under `accelerate launch` with 2 data-parallel
+CPU processes (gloo). Two processes must train the same model as one (the step's micro-batches are
+split, gradients summed: equal up to float summation order), and an interrupted 2-process run
+must resume exactly (dropout on: its RNG is a function of seed, step and rank).
+
+    .venv/bin/python -m pytest -q tests/test_ddp.py
+"""
+
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import NETGUARD, NETGUARD_LOG, ROOT, run, stage_args
+from test_resume import assert_same_run, losses
+
+SFT = ["--max_steps", "6", "--save_steps", "2", "--keep_last", "20", "--log_steps", "1", "--grad_accum", "2"]
+
+
+def launch(script, *args, nproc=2):
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(nproc),
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "--main_process_port", str(29500 + os.getpid() % 1000), str(ROOT / script), *map(str, args)]
+    env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=str(NETGUARD), NETGUARD_LOG=str(NETGUARD_LOG))
+    p = subprocess.run(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                       timeout=900)
+    assert p.returncode == 0, p.stdout[-4000:]
+    return p
+
+
+def close_adapters(a, b, atol):
+    ta, tb = load_file(a / "final/adapter_model.safetensors"), load_file(b / "final/adapter_model.safetensors")
+    assert ta.keys() == tb.keys()
+    for k in ta:
+        torch.testing.assert_close(tb[k], ta[k], atol=atol, rtol=0)
+
+
+def test_two_processes_train_the_same_model_as_one(demo_root, tmp_path):
+    one, two = tmp_path / "one", tmp_path / "two"
+    run("sft.py", *stage_args(demo_root, "sft", output_dir=one), *SFT)
+    p = launch("sft.py", *stage_args(demo_root, "sft", output_dir=two), *SFT)
+    assert p.stdout.count("sft done") == 1  # rank 0 alone speaks and writes
+    assert losses(two) == pytest.approx(losses(one), abs=1e-5)
+    close_adapters(one, two, atol=1e-5)
+    # and DPO on top of it
+    d1, d2 = tmp_path / "dpo1", tmp_path / "dpo2"
+    dpo = ["--max_steps", "4", "--log_steps", "1", "--grad_accum", "2"]
+    run("dpo.py", *stage_args(demo_root, "dpo", sft_dir=one / "final", output_dir=d1), *dpo)
+    launch("dpo.py", *stage_args(demo_root, "dpo", sft_dir=one / "final", output_dir=d2), *dpo)
+    assert losses(d2) == pytest.approx(losses(d1), abs=1e-5)
+    close_adapters(d1, d2, atol=1e-5)
+
+
+def test_two_process_resume_is_exact(demo_root, tmp_path):
+    full, part = tmp_path / "full", tmp_path / "part"
+    args = [*SFT, "--lora_dropout", "0.1"]
+    launch("sft.py", *stage_args(demo_root, "sft", output_dir=full), *args)
+    shutil.copytree(full, part)
+    for p in part.iterdir():
+        if p.name == "final" or (p.name.startswith("step_") and int(p.name[5:]) > 2):
+            shutil.rmtree(p)
+    p = launch("sft.py", *stage_args(demo_root, "sft", output_dir=part), *args)
+    assert "at step 2/6" in p.stdout
+    assert_same_run(full, part)
+
+
+def test_grad_accum_must_split_evenly(demo_root, tmp_path):
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "--main_process_port", str(30500 + os.getpid() % 1000), str(ROOT / "sft.py"),
+           *map(str, stage_args(demo_root, "sft", output_dir=tmp_path / "x")), "--grad_accum", "3"]
+    p = subprocess.run(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=300)
+    assert p.returncode != 0 and "must be a multiple of the 2 processes" in p.stdout
