@@ -256,7 +256,6 @@ def cap(device):
 
 
 def timed(step, device, tokens, flops_per_token):
-    import torch
     for _ in range(args.warmup):
         step()
     secs = []

@@ -894,7 +894,7 @@ def check_resume_config(saved, cfg):
     if frozen:
         sys.exit("cannot resume: these settings differ from the checkpoint's and would change the run:\n"
                  + "\n".join(f"  {k}: checkpoint {saved.get(k)!r} -> now {now[k]!r}" for k in frozen)
-                 + f"\nuse the original values, or a new --output_dir to start a fresh run")
+                 + "\nuse the original values, or a new --output_dir to start a fresh run")
     for k in now:
         if k in saved and saved[k] != now[k]:
             print(f"resume: {k} changed {saved[k]!r} -> {now[k]!r} (allowed)")

@@ -76,7 +76,7 @@ def hh_rows(rng, n):
                          (f"What is {a} + {b}?", f"{a} + {b} = {a + b}.")])
         history = ""
         if rng.random() < 0.4:  # multi-turn: the earlier turns become the prompt
-            history = f"\n\nHuman: Hi there.\n\nAssistant: Hello! How can I help?"
+            history = "\n\nHuman: Hi there.\n\nAssistant: Hello! How can I help?"
         prompt = f"{history}\n\nHuman: {qa[0]}\n\nAssistant:"
         rows.append({"chosen": prompt + " " + rng.choice(GOOD).format(a=qa[1]),
                      "rejected": prompt + " " + rng.choice(BAD)})

@@ -31,7 +31,6 @@ import math
 import sys
 import time
 import types
-from pathlib import Path
 
 import torch
 
@@ -368,7 +367,7 @@ with common.AtomicFolder(out_dir) as tmp:
         fig.savefig(tmp / "dpo_curves.png", dpi=110)
         plt.close(fig)
 
-    md = [f"# Evaluation: base vs SFT vs DPO", "",
+    md = ["# Evaluation: base vs SFT vs DPO", "",
           f"{date} · {device} · {summary['dtype']} · base "
           f"{'NF4 (as in training)' if load_cfg.quantize_4bit else 'unquantized'} · "
           f"`python eval.py {' '.join(sys.argv[1:])}`", "",

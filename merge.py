@@ -18,7 +18,6 @@ import json
 import shutil
 import sys
 import time
-from pathlib import Path
 
 import torch
 from safetensors import safe_open

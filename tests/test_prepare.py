@@ -7,7 +7,6 @@ a resume refuses data that changed under it.
     .venv/bin/python -m pytest -q tests/test_prepare.py
 """
 
-import gzip
 import json
 import shutil
 
@@ -95,7 +94,7 @@ def test_hh_rlhf_filters_on_the_real_fixture(demo_root, tmp_path):
     (data / "harmless-base").mkdir(parents=True)
     shutil.copy(src, data / "harmless-base/test.jsonl.gz")
     # the demo tokenizer (512 pieces) makes long sequences: a tight budget exercises truncation
-    p = dpo_prepare(demo_root, data, tmp_path / "out", "--subsets", "harmless-base", "--split", "test",
+    dpo_prepare(demo_root, data, tmp_path / "out", "--subsets", "harmless-base", "--split", "test",
                     "--eval_pairs", "0", "--max_len", "600", "--max_prompt_len", "400")
     report = json.loads((tmp_path / "out/data_report.json").read_text())
     assert report["rows_read"] == 200
