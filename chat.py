@@ -4,8 +4,8 @@ Talk to the merged model in its prompt format, streaming tokens as they are gene
     python chat.py                                   # interactive, multi-turn (make chat)
     python chat.py --prompt "What is the capital of France?"   # one answer, then exit
     python chat.py --preset demo --prompt "..."      # the CPU demo's merged model
-    python chat.py --quantize_4bit                   # the merged 13B in NF4: fits a 12 GB card
-    python chat.py --model_dir models/Llama-2-13b-hf --quantize_4bit \
+    python chat.py --quantize_4bit true              # the merged 13B in NF4: fits a 12 GB card
+    python chat.py --model_dir models/Llama-2-13b-hf --quantize_4bit true \
         --adapters checkpoints/sft/final,checkpoints/dpo/final   # base + adapters, no merge needed
 
 Generation stops at EOS or when the model starts a new "### Human:" turn on its own.

@@ -18,7 +18,6 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import bisect
-import errno
 import functools
 import gzip
 import hashlib
@@ -329,10 +328,16 @@ def save_cached(cache_dir, key, tensors, report):
     folder = resolve(cache_dir)
     folder.mkdir(parents=True, exist_ok=True)
     tmp = folder / f"{key}.safetensors.{os.getpid()}.tmp"  # per process: N launched ranks may race here
-    # int32 halves the file (ids < 32000, positions < 4096); tmp + rename: never half an entry
-    save_file({k: v.to(torch.int32).contiguous() for k, v in tensors.items()}, str(tmp),
-              metadata={"report": json.dumps(report)})
-    os.replace(tmp, folder / f"{key}.safetensors")
+    # int32 halves the file (ids < 32000, positions < 4096); tmp + fsync + rename: never half an entry
+    try:
+        save_file({k: v.to(torch.int32).contiguous() for k, v in tensors.items()}, str(tmp),
+                  metadata={"report": json.dumps(report)})
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, folder / f"{key}.safetensors")
+    except Exception as e:  # noqa: BLE001  (the cache is an optimisation: a full disk must not stop the run)
+        tmp.unlink(missing_ok=True)
+        print(f"warning: could not write the data cache in {folder} ({type(e).__name__}: {e}); continuing without it")
 
 
 def load_or_prepare(cache_dir, key, prepare):
@@ -389,8 +394,10 @@ def stage_data(stage_out_dir, stage):
     out = Path(stage_out_dir)
     report = json.loads((out / "data_report.json").read_text())
     cfg = json.loads((out / "config.json").read_text())
+    # the digest the FINAL adapter was trained on (a later --prepare-only may have rewritten the report)
+    want = json.loads((out / "final/summary.json").read_text()).get("data_digest", report.get("data_digest"))
     hit = load_cached(cfg.get("cache_dir"), report.get("cache_key"))
-    if hit is None or data_digest(hit[0]) != report.get("data_digest"):
+    if hit is None or data_digest(hit[0]) != want:
         sys.exit(f"the prepared data of {out} is not in its cache ({cfg.get('cache_dir') or 'cache off'}); "
                  f"rebuild it (seconds, no training) with the run's settings: "
                  f"python {stage}.py --prepare-only --preset ... (the flags in {out / 'config.json'})")
@@ -717,7 +724,9 @@ def _fault(point):
     spec = os.environ.get("QLORA_FAULT", "")
     if spec and spec.rsplit(":", 1) == [point, str(_saves)]:
         if point == "enospc":
-            raise OSError(errno.ENOSPC, "No space left on device (injected)")
+            # exactly what safetensors raises on a full disk (checked on a full tmpfs): not an OSError
+            from safetensors import SafetensorError
+            raise SafetensorError('Error while serializing: I/O error: No space left on device (os error 28) (injected)')
         print(f"[fault injection] SIGKILL at {point} of save {_saves}", flush=True)
         os.kill(os.getpid(), signal.SIGKILL)
 
@@ -748,7 +757,8 @@ class AtomicFolder:
             exc_type, exc = OSError, e
         if exc_type is not None:
             shutil.rmtree(self.tmp, ignore_errors=True)
-            if issubclass(exc_type, OSError):
+            # safetensors reports a full disk as SafetensorError, which is not an OSError
+            if issubclass(exc_type, OSError) or exc_type.__name__ == "SafetensorError":
                 sys.exit(f"could not write {self.folder}: {exc}\n(disk full? free space and re-run the same "
                          f"command: it resumes from the last complete checkpoint)")
         return False
@@ -881,7 +891,11 @@ def data_digest(tensors):
 def check_resume_data(ckpt, key):
     """Same settings but different data (a re-downloaded or edited file): continuing would
     mix two datasets under one data position. Refuse, naming both digests."""
-    saved = json.loads((Path(ckpt) / "trainer_state.json").read_text()).get("data_digest")
+    state = json.loads((Path(ckpt) / "trainer_state.json").read_text())
+    saved = state.get("data_digest")
+    if state.get("world_size", 1) != int(os.environ.get("WORLD_SIZE", 1)):
+        print(f"resume: {state.get('world_size', 1)} process(es) wrote this checkpoint, now {os.environ.get('WORLD_SIZE', 1)}: "
+              f"same data and gradients, but dropout masks differ from here on (not bit-exact)")
     if saved is not None and saved != key:
         sys.exit(f"cannot resume from {ckpt}: the prepared data changed since it was written "
                  f"(data digest {saved} -> {key}: input files, tokenizer or preparation changed).\n"
@@ -963,24 +977,32 @@ def preflight(step, params, cfg, device, what):
     32-bit: 8)."""
     if device.type != "cuda" or cfg.max_vram_gib <= 0:
         return None
+    knobs = ("Knobs, cheapest first: --micro_batch_size (more --grad_accum keeps the step size), "
+             "--logits_chunk 512, --optimizer paged_adamw_8bit, --max_seq_len / --max_len, --lora_r.")
     tensors, meta = rng_state()
     torch.cuda.reset_peak_memory_stats(device)
     t0 = time.time()
-    step()
+    try:
+        step()
+    except torch.OutOfMemoryError:
+        sys.exit(f"preflight: the worst-case {what} ran out of GPU memory on this card. " + knobs)
     for p in params:
         p.grad = None
     set_rng_state(tensors, meta)
     n = sum(p.numel() for p in params)
     opt_gib = n * (2 if "8bit" in cfg.optimizer else 8) / 2**30
-    peak = torch.cuda.max_memory_allocated(device) / 2**30 + opt_gib
+    # what the card must hold: everything outside PyTorch's allocator (CUDA context, cuBLAS and
+    # NCCL workspaces) + the allocator's reserved peak (fragmentation included) + the optimizer state
+    free, total = torch.cuda.mem_get_info(device)
+    outside = max((total - free) - torch.cuda.memory_reserved(device), 0) / 2**30
+    peak = outside + torch.cuda.max_memory_reserved(device) / 2**30 + opt_gib
+    budget = min(cfg.max_vram_gib, total / 2**30)
     torch.cuda.reset_peak_memory_stats(device)
-    print(f"preflight: worst-case {what}: peak {peak:.1f} GiB (incl. {opt_gib:.1f} GiB optimizer state) "
-          f"of max_vram_gib {cfg.max_vram_gib} ({time.time() - t0:.0f}s)", flush=True)
-    if peak > cfg.max_vram_gib:
-        sys.exit(f"preflight: the worst-case step needs {peak:.1f} GiB > max_vram_gib {cfg.max_vram_gib}. "
-                 f"Knobs, cheapest first: --micro_batch_size (more --grad_accum keeps the step size), "
-                 f"--logits_chunk 512, --optimizer paged_adamw_8bit, --max_seq_len / --max_len, --lora_r. "
-                 f"Or raise --max_vram_gib if this card has more memory.")
+    print(f"preflight: worst-case {what}: {peak:.1f} GiB (reserved peak + {outside:.1f} GiB outside torch + "
+          f"{opt_gib:.1f} GiB optimizer state) of {budget:.1f} GiB ({time.time() - t0:.0f}s)", flush=True)
+    if peak > budget:
+        sys.exit(f"preflight: the worst-case step needs {peak:.1f} GiB > {budget:.1f} GiB "
+                 f"(max_vram_gib {cfg.max_vram_gib}, card {total / 2**30:.1f} GiB). " + knobs)
     return peak
 
 

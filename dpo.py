@@ -34,9 +34,12 @@ from config import DPOConfig, parse_args, print_config, resolve, to_dict
 cfg, switches = parse_args(DPOConfig, sys.argv[1:], flags=[("--prepare-only", "prepare the data, write data_report.json, stop")])
 prepare_only = "--prepare-only" in switches
 dist = common.Distributed()  # NPROC > 1 (make train NPROC=N): one process per GPU, rank 0 writes
+if cfg.grad_accum % dist.world:
+    sys.exit(f"--grad_accum {cfg.grad_accum} must be a multiple of the {dist.world} processes "
+             f"(each takes grad_accum / {dist.world} micro-batches of every step)")
 print_config(cfg)
 out_dir, final_dir = resolve(cfg.output_dir), resolve(cfg.output_dir) / "final"
-resume_cmd = " ".join(["python"] + sys.argv)
+resume_cmd = " ".join(["python"] + sys.argv) if dist.world == 1 else f"make train NPROC={dist.world} (same flags)"
 if common.is_complete(final_dir) and not prepare_only:
     print(f"dpo: already complete ({cfg.output_dir}/final): nothing to do. "
           f"Use a new --output_dir (or delete that folder) to train again.")
@@ -181,9 +184,6 @@ print(f"model: {cfg.model_dir} + {cfg.sft_dir} on {device} ({common.pick_dtype(c
 optimizer = common.make_optimizer(params, cfg)
 
 pairs_per_step = cfg.micro_batch_size * cfg.grad_accum
-if cfg.grad_accum % dist.world:
-    sys.exit(f"--grad_accum {cfg.grad_accum} must be a multiple of the {dist.world} processes "
-             f"(each takes grad_accum / {dist.world} micro-batches of every step)")
 total_steps = cfg.max_steps if cfg.max_steps > 0 else math.ceil(cfg.num_epochs * len(pairs) / pairs_per_step)
 
 step, history = 0, []
@@ -231,7 +231,7 @@ def save(folder):
         common.save_training_state(folder, model, "dpo", optimizer, {
             "step": step, "total_steps": total_steps, "pairs_consumed": step * pairs_per_step,
             "epoch": step * pairs_per_step / len(pairs), "history": log.history, "config": to_dict(cfg),
-            "data_digest": data_hash})
+            "data_digest": data_hash, "world_size": dist.world})
         common.prune_checkpoints(out_dir, cfg.keep_last)
     dist.barrier()
 
@@ -308,7 +308,7 @@ summary = {"steps": step, "final_loss": log.history[-1]["loss"] if log.history e
            "final_eval_loss": evals[-1]["eval_loss"] if evals else None,
            "final_eval_reward_acc": evals[-1]["eval_acc"] if evals else None,
            "final_eval_margin": evals[-1]["eval_margin"] if evals else None,
-           "peak_mem_gib": common.memory_gib(device), "wall_s": time.time() - t_start}
+           "peak_mem_gib": common.memory_gib(device), "wall_s": time.time() - t_start, "data_digest": data_hash}
 tensors, jsons = common.adapter_files(model, "dpo")
 if dist.main:
     common.write_checkpoint(final_dir, tensors, jsons | {"config.json": to_dict(cfg), "summary.json": summary})

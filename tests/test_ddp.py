@@ -75,3 +75,34 @@ def test_grad_accum_must_split_evenly(demo_root, tmp_path):
            *map(str, stage_args(demo_root, "sft", output_dir=tmp_path / "x")), "--grad_accum", "3"]
     p = subprocess.run(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=300)
     assert p.returncode != 0 and "must be a multiple of the 2 processes" in p.stdout
+
+
+def test_ctrl_c_to_the_launcher_saves_on_every_rank(demo_root, tmp_path):
+    """Ctrl+C reaches only `accelerate launch` (its ranks run in their own sessions); it forwards
+    SIGINT, the ranks agree on the step to stop at, rank 0 saves, and the run resumes from there."""
+    import json
+    import signal
+    import time
+    out = tmp_path / "sft"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "--main_process_port", str(31500 + os.getpid() % 1000), str(ROOT / "sft.py"),
+           *map(str, stage_args(demo_root, "sft", output_dir=out)), "--max_steps", "400", "--save_steps", "1000",
+           "--log_steps", "1", "--grad_accum", "2"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=dict(os.environ, PYTHONUNBUFFERED="1", TORCH_ELASTIC_SHUTDOWN_TIMEOUT="120"))
+    metrics = out / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.is_file() and len(metrics.read_text().splitlines()) >= 3:
+            break
+        time.sleep(0.2)
+    assert proc.poll() is None, proc.communicate()[0][-3000:]
+    proc.send_signal(signal.SIGINT)
+    text = proc.communicate(timeout=300)[0]
+    assert proc.returncode != 0
+    steps = sorted(p for p in out.glob("step_*") if (p / "COMPLETE.json").is_file())
+    assert steps, text[-3000:]
+    saved = json.loads((steps[-1] / "trainer_state.json").read_text())
+    assert saved["world_size"] == 2 and 3 <= saved["step"] < 400
+    assert "resume with the same command" in text and "make train NPROC=2" in text
