@@ -282,6 +282,11 @@ def summarize(secs, device, tokens, flops_per_token):
     return out
 
 
+def torch_name():
+    import torch
+    return torch.cuda.get_device_name(0)
+
+
 def matmul_peak():
     """bf16 TFLOP/s of a large square matmul on this GPU: the ceiling MFU is measured against."""
     import torch
@@ -299,7 +304,10 @@ def matmul_peak():
 
 if args._run:
     who, kind = args._run.split(":")
-    result = (run_ours if who == "ours" else run_baseline)(kind, Path(args._model))
+    if who == "peak":  # in a child too: the parent never holds a CUDA context the runs would lose
+        result = {"tflops": matmul_peak(), "name": torch_name()}
+    else:
+        result = (run_ours if who == "ours" else run_baseline)(kind, Path(args._model))
     print("RESULT " + json.dumps(result), flush=True)
     sys.exit(0)
 
@@ -319,8 +327,14 @@ t0 = time.time()
 write_random_model(model_dir, arch)
 word_tokenizer(model_dir)
 print(f"{size} architecture, random fp16 weights written in {time.time() - t0:.0f}s ({model_dir})", flush=True)
-peak_tflops = matmul_peak() if cuda else None
-gpu = torch.cuda.get_device_name(0) if cuda else f"CPU ({os.cpu_count()} cores, smoke test: no GPU figures)"
+peak_tflops, gpu = None, f"CPU ({os.cpu_count()} cores, smoke test: no GPU figures)"
+if cuda:
+    p = subprocess.run([sys.executable, __file__, "--_run", "peak:-"], cwd=ROOT, capture_output=True, text=True)
+    line = next((x for x in p.stdout.splitlines() if x.startswith("RESULT ")), None)
+    if line is None:
+        sys.exit(f"bench: measuring the bf16 matmul peak failed:\n{(p.stdout + p.stderr)[-2000:]}")
+    info = json.loads(line.removeprefix("RESULT "))
+    peak_tflops, gpu = info["tflops"], info["name"]
 runs = [("ours", "sft"), ("ours", "dpo")] + ([] if args.no_baseline else [("trl", "sft"), ("trl", "dpo")])
 results = {}
 for who, kind in runs:
