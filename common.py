@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from config import ASSISTANT, HUMAN, TURN_SEP, resolve, to_dict
+from config import ASSISTANT, HUMAN, TURN_SEP, resolve, sha256_file, to_dict
 
 IGNORE = -100  # label value that cross_entropy skips: prompt tokens and padding
 
@@ -97,13 +97,13 @@ class Distributed:
         """A Python number summed over processes."""
         if self.world == 1:
             return x
-        return self._reduce(torch.tensor(float(x), dtype=torch.float64, device=self._dev())).item()
+        return self._reduce(torch.tensor(float(x), dtype=torch.float64, device=pick_device())).item()
 
     def any(self, flag):
         """True on every process if it is True on one (a Ctrl+C reaches them at slightly different steps)."""
         if self.world == 1:
             return bool(flag)
-        return bool(self._reduce(torch.tensor(int(bool(flag)), device=self._dev()), "max").item())
+        return bool(self._reduce(torch.tensor(int(bool(flag)), device=pick_device()), "max").item())
 
     def sum_grads(self, params):
         if self.world == 1:
@@ -118,8 +118,6 @@ class Distributed:
             import torch.distributed as dist
             dist.barrier()
 
-    def _dev(self):
-        return pick_device() if torch.cuda.is_available() else torch.device("cpu")
 
 
 def pick_dtype(name, device):
@@ -218,8 +216,6 @@ class DataReport:
                 "rows_truncated": self.truncated, "tokens_before_truncation": pct(self.lengths_before),
                 "tokens_after_truncation": pct(self.lengths_after), **self.extra}
 
-    def print(self):
-        print_report(self.to_dict())
 
 
 def print_report(d):
@@ -637,14 +633,6 @@ def lr_at(step, cfg, total_steps):
 # Checkpoints: only .safetensors and .json, written to step_XXXXXX.tmp/, fsynced, hashed,
 # marked COMPLETE.json last, then renamed into place. A kill at any instant leaves either
 # the old set or the old set plus a *.tmp that resume ignores.
-
-
-def sha256_file(path, chunk=1 << 24):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while b := f.read(chunk):
-            h.update(b)
-    return h.hexdigest()
 
 
 def _fsync_path(path):

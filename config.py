@@ -13,12 +13,20 @@ This module imports nothing heavy (no torch): the Makefile and tests can use it 
 
 import dataclasses
 import difflib
+import hashlib
 import json
 import sys
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent  # relative paths below are relative to the repo root
+
+def sha256_file(path):
+    """sha256 hex of a file, streamed in large reads (a 10 GB shard hashes at disk speed). It lives
+    here, not in common.py, because download.py and verify.py must run without importing torch."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
 
 # -----------------------------------------------------------------------------
 # Pinned upstream sources. A revision is a full 40-hex commit: a branch name would

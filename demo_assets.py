@@ -19,7 +19,7 @@ import random
 import sys
 from pathlib import Path
 
-from config import HH_SUBSETS, ROOT
+from config import HH_SUBSETS, ROOT, sha256_file
 
 SEED = 1234
 OUT = Path(sys.argv[sys.argv.index("--out") + 1]).resolve() if "--out" in sys.argv else ROOT
@@ -169,12 +169,11 @@ def write_model(records):
 def write_manifest():
     """data/demo/manifest.json in download.py's format, so `make verify PRESET=demo` checks the
     generated files exactly as it checks real downloads (and a copied folder can be verified)."""
-    import hashlib
     files = [p for d in (MODEL_DIR, DATA_DIR / "airoboros", DATA_DIR / "hh-rlhf") for p in sorted(d.rglob("*"))
              if p.is_file()]
     rows = [dict(repo_id="demo_assets.py", repo_type="generated", revision=f"seed {SEED}", file=p.name,
                  path=p.relative_to(OUT).as_posix(), size=p.stat().st_size,
-                 sha256=hashlib.sha256(p.read_bytes()).hexdigest()) for p in files]
+                 sha256=sha256_file(p)) for p in files]
     (DATA_DIR / "manifest.json").write_text(json.dumps({"files": rows}, indent=2) + "\n")
 
 

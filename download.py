@@ -38,7 +38,6 @@ stages, and this is the one step that is meant to go online.
 """
 
 import argparse
-import hashlib
 import json
 import os
 import shutil
@@ -112,11 +111,6 @@ CHECKSUMS = root / "checksums.sha256"
 if constants.HF_HUB_OFFLINE:
     # common.py sets this for the training stages; inherited here it would make every request raise
     sys.exit("HF_HUB_OFFLINE=1 is set in the environment: unset it for the download step (the only online one)")
-
-
-def sha256_of(path):
-    with open(path, "rb") as f:  # file_digest streams in large reads: a 10 GB shard hashes at disk speed
-        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def write_atomic(path, text):
@@ -227,7 +221,7 @@ def fetch_one(src, name, dest, expected):
                     "\n  the partial file is kept; re-run to resume")
 
     # Verify before the file gets its final name: a bad download never looks like a good one.
-    got = sha256_of(part)
+    got = config.sha256_file(part)
     hub_sha = etag if len(etag) == 64 else None  # an LFS file's ETag is its sha256; small git files have a sha1
     for label, want in (("published sha256 in config.py", expected), ("hub's ETag (sha256)", hub_sha)):
         if want and got != want:
@@ -277,11 +271,11 @@ def fetch_wheels():
     # record every wheel: verify.py checks them like the model shards
     for old in [k for k, e in entries.items() if e.get("repo_type") == "wheel"]:
         del entries[old]
-    lock_sha = sha256_of(args.requirements)[:16]
+    lock_sha = config.sha256_file(args.requirements)[:16]
     for whl in sorted(wheels.glob("*.whl")):
         rel = whl.relative_to(root).as_posix()
         entries[rel] = dict(repo_id="pypi", repo_type="wheel", revision=f"requirements.lock:{lock_sha}",
-                            file=whl.name, path=rel, size=whl.stat().st_size, sha256=sha256_of(whl))
+                            file=whl.name, path=rel, size=whl.stat().st_size, sha256=config.sha256_file(whl))
     n = sum(1 for e in entries.values() if e.get("repo_type") == "wheel")
     print(f"  {n} wheels in wheels/ ({sum(e['size'] for e in entries.values() if e.get('repo_type') == 'wheel') / 1e9:.2f} GB)")
 
@@ -320,7 +314,7 @@ try:
                     want, why = None, f"size {size:,} != {prev['size']:,} in manifest.json"
                 else:
                     want, why = prev["sha256"], "sha256 differs from manifest.json"
-                got = sha256_of(dest) if want else None
+                got = config.sha256_file(dest) if want else None
                 if want is not None and got == want:
                     entries[rel] = dict(repo_id=src.repo_id, repo_type=src.repo_type, revision=src.revision,
                                         file=name, path=rel, size=size, sha256=got)

@@ -15,7 +15,6 @@ Like download.py, this does not import common.py or torch: it must run in a seco
 """
 
 import argparse
-import hashlib
 import json
 import sys
 from pathlib import Path
@@ -49,11 +48,6 @@ def repair_command(entry):
     return f"python download.py --files {entry['path']}"
 
 
-def sha256_of(path):
-    with open(path, "rb") as f:  # file_digest streams in large reads: a 10 GB shard hashes at disk speed
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-
 problems, total = [], 0
 for e in entries:
     path = root / e["path"]
@@ -64,7 +58,7 @@ for e in entries:
     total += size
     if size != e["size"]:
         problems.append((e, f"size {size:,} bytes, manifest says {e['size']:,} (truncated or replaced)"))
-    elif args.full and sha256_of(path) != e["sha256"]:
+    elif args.full and config.sha256_file(path) != e["sha256"]:
         problems.append((e, f"sha256 differs from the manifest ({e['sha256'][:16]}...): corrupted"))
 
 # The download manifest must cover what config.py pins today, at today's revision.
