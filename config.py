@@ -312,16 +312,20 @@ def validate(cfg):
 # Command line: --field value overrides, typed by the dataclass annotations.
 
 
+def _parse_bool(name, text):
+    low = text.lower()
+    if low in ("1", "true", "yes", "on"):
+        return True
+    if low in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"--{name}: expected true/false, got {text!r}")
+
+
 def _parse_value(cls, name, text):
     typ = {f.name: f.type for f in fields(cls)}[name]
     typ = {"int": int, "float": float, "str": str, "bool": bool}.get(typ, typ)
     if typ is bool:
-        low = text.lower()
-        if low in ("1", "true", "yes", "on"):
-            return True
-        if low in ("0", "false", "no", "off"):
-            return False
-        raise ConfigError(f"--{name}: expected true/false, got {text!r}")
+        return _parse_bool(name, text)
     try:
         return typ(text)
     except ValueError:
@@ -348,14 +352,22 @@ def usage(cls, flags=()):
              + "".join(f" [{f}]" for f, _ in flags), "", f"fields of {cls.__name__} (default):"]
     for f in fields(cls):
         lines.append(f"  --{f.name:<24} {getattr(cls(), f.name)!r:<28} {comments.get(f.name, '')}")
+    if flags:
+        lines += ["", "script flags:"]
     for f, why in flags:
         lines.append(f"  {f:<26} {why}")
+    lines += ["", "Names may use - or _ (--max-seq-len = --max_seq_len); booleans take true/false/1/0/yes/no/on/off."]
     return "\n".join(lines)
 
 
 def parse_args(cls, argv, flags=()):
-    """Build a validated cls from argv. `flags` are (name, help) pairs of boolean script
-    switches (e.g. --prepare-only), returned in a set. Exits with a clear message on error."""
+    """Build a validated cls from argv. Exits with a clear message on error.
+
+    `flags` are (spec, help) pairs of script options that are not config fields:
+    "--prepare_only" is a switch (alone = true, --prepare_only=false = false), and
+    "--show_examples N" takes a value (the word after the name is its metavar). With
+    flags, returns (cfg, {name: value}) with every flag present (switches default to
+    False, valued flags to None)."""
     try:
         return _parse_args(cls, list(argv), flags)
     except ConfigError as e:
@@ -367,16 +379,20 @@ def _parse_args(cls, argv, flags):
         print(usage(cls, flags))
         sys.exit(0)
     names = {f.name for f in fields(cls)}
-    flag_names = {f for f, _ in flags}
-    preset, overrides, switches = "full", {}, set()
+    # flag name (underscores) -> takes a value?
+    flag_kinds = {spec.split()[0][2:].replace("-", "_"): len(spec.split()) > 1 for spec, _ in flags}
+    switches = {name: (None if takes_value else False) for name, takes_value in flag_kinds.items()}
+    preset, overrides = "full", {}
     i = 0
     while i < len(argv):
         arg = argv[i]
         if not arg.startswith("--"):
             raise ConfigError(f"unexpected argument {arg!r}: use --field value")
         key, eq, val = arg[2:].partition("=")
-        if "--" + key in flag_names:
-            switches.add("--" + key)
+        key = key.replace("-", "_")  # one spelling: --prepare-only and --prepare_only are the same flag
+        if key in flag_kinds and not flag_kinds[key]:
+            # a switch: present = true; --switch=false is honoured, not read as "present"
+            switches[key] = _parse_bool(key, val) if eq else True
             i += 1
             continue
         if not eq:
@@ -384,13 +400,16 @@ def _parse_args(cls, argv, flags):
                 raise ConfigError(f"--{key} needs a value")
             val, i = argv[i + 1], i + 1
         i += 1
+        if key in flag_kinds:
+            switches[key] = val
+            continue
         if key == "preset":
             if val not in PRESETS:
                 raise ConfigError(f"--preset: unknown preset {val!r} (choose from {', '.join(PRESETS)})")
             preset = val
             continue
         if key not in names:
-            hint = difflib.get_close_matches(key, names, n=1)
+            hint = difflib.get_close_matches(key, names | set(flag_kinds), n=1)
             raise ConfigError(f"unknown field --{key} for {cls.__name__}"
                               + (f" (did you mean --{hint[0]}?)" if hint else ""))
         overrides[key] = _parse_value(cls, key, val)

@@ -3,7 +3,7 @@ Stage 2: Direct Preference Optimization on Anthropic hh-rlhf, starting from the 
 
     python dpo.py                      # the real run (what `make dpo` does), offline
     python dpo.py --preset demo        # the 2-layer CPU demo
-    python dpo.py --prepare-only       # data preparation and its report only
+    python dpo.py --prepare_only       # data preparation and its report only
     python dpo.py --help
 
 Model: NF4 base + the SFT adapter (frozen) + a new DPO adapter (trained). The reference
@@ -31,8 +31,8 @@ import torch
 from common import IGNORE, DataReport, Tokenizer
 from config import DPOConfig, parse_args, print_config, resolve, to_dict
 
-cfg, switches = parse_args(DPOConfig, sys.argv[1:], flags=[("--prepare-only", "prepare the data, write data_report.json, stop")])
-prepare_only = "--prepare-only" in switches
+cfg, opts = parse_args(DPOConfig, sys.argv[1:], flags=common.STAGE_FLAGS)
+prepare_only = opts["prepare_only"]
 dist = common.Distributed()  # NPROC > 1 (make train NPROC=N): one process per GPU, rank 0 writes
 if cfg.grad_accum % dist.world:
     sys.exit(f"--grad_accum {cfg.grad_accum} must be a multiple of the {dist.world} processes "

@@ -3,7 +3,7 @@ Stage 1: QLoRA supervised finetuning of Llama-2-13B on Airoboros gpt4-1.4.1.
 
     python sft.py                      # the real run (what `make sft` does), offline
     python sft.py --preset demo        # the 2-layer CPU demo
-    python sft.py --prepare-only       # data preparation and its report only
+    python sft.py --prepare_only       # data preparation and its report only
     python sft.py --help               # every field with its default
 
 The base is frozen in NF4; a rank-128 LoRA on all seven linear layers is trained on
@@ -25,8 +25,8 @@ import torch
 from common import IGNORE, DataReport, Tokenizer
 from config import SFTConfig, parse_args, print_config, resolve, to_dict
 
-cfg, switches = parse_args(SFTConfig, sys.argv[1:], flags=[("--prepare-only", "prepare the data, write data_report.json, stop")])
-prepare_only = "--prepare-only" in switches
+cfg, opts = parse_args(SFTConfig, sys.argv[1:], flags=common.STAGE_FLAGS)
+prepare_only = opts["prepare_only"]
 dist = common.Distributed()  # NPROC > 1 (make train NPROC=N): one process per GPU, rank 0 writes
 if cfg.grad_accum % dist.world:
     sys.exit(f"--grad_accum {cfg.grad_accum} must be a multiple of the {dist.world} processes "

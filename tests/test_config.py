@@ -29,8 +29,16 @@ def test_overrides_typed_and_preset_then_override():
 
 
 def test_switches():
-    c, sw = parse_args(DPOConfig, ["--prepare-only", "--subsets", "harmless-base"], flags=[("--prepare-only", "")])
-    assert sw == {"--prepare-only"} and c.subsets == "harmless-base"
+    flags = [("--prepare_only", ""), ("--show_examples N", "")]
+    c, sw = parse_args(DPOConfig, ["--prepare-only", "--subsets", "harmless-base"], flags=flags)
+    assert sw == {"prepare_only": True, "show_examples": None} and c.subsets == "harmless-base"
+    # one spelling with the hyphenated alias; a switch's explicit value is honoured, strictly
+    assert parse_args(DPOConfig, ["--prepare_only=false", "--show-examples", "all"], flags=flags)[1] == \
+        {"prepare_only": False, "show_examples": "all"}
+    with pytest.raises(config.ConfigError, match="prepare_only: expected true/false"):
+        _parse_args(DPOConfig, ["--prepare-only=maybe"], flags)
+    # fields accept either spelling too
+    assert parse_args(SFTConfig, ["--max-seq-len", "512"]).max_seq_len == 512
 
 
 @pytest.mark.parametrize("argv,needle", [
@@ -70,7 +78,7 @@ def test_scripts_fail_fast_with_the_field_name():
 
 def test_help_lists_fields_with_defaults():
     p = run("sft.py", "--help")
-    for field in ("--max_steps", "--save_steps", "--output_dir", "--seed", "--data_dir", "--model_dir", "--prepare-only"):
+    for field in ("--max_steps", "--save_steps", "--output_dir", "--seed", "--data_dir", "--model_dir", "--prepare_only"):
         assert field in p.stdout
     assert "higher = more capacity" in p.stdout  # the field comments come along
 
