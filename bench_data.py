@@ -1,6 +1,6 @@
 """
-Data-preparation benchmark: how long `dpo.py --prepare-only` takes on a full-size hh-rlhf
-train set, how long `sft.py --prepare-only` takes on an Airoboros-sized file, how much the
+Data-preparation benchmark: how long `dpo.py --prepare_only` takes on a full-size hh-rlhf
+train set, how long `sft.py --prepare_only` takes on an Airoboros-sized file, how much the
 prepared-data cache saves, and how full the packed SFT rows are on an Airoboros-like
 length mix. CPU only, no model, no download.
 
@@ -124,11 +124,11 @@ with open(ab_dir / "instructions.jsonl", "w", encoding="utf-8") as f:
 
 
 # -----------------------------------------------------------------------------
-# Timed runs: each stage's real --prepare-only, cold (fresh cache) then warm (cache hit).
+# Timed runs: each stage's real --prepare_only, cold (fresh cache) then warm (cache hit).
 
 def timed(script, *extra):
     t = time.time()
-    p = subprocess.run([sys.executable, str(ROOT / script), "--prepare-only", *extra], cwd=ROOT, text=True,
+    p = subprocess.run([sys.executable, str(ROOT / script), "--prepare_only", *extra], cwd=ROOT, text=True,
                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     if p.returncode != 0:
         sys.exit(f"{script} failed:\n{p.stdout[-3000:]}")

@@ -167,21 +167,99 @@ def format_prompt(turns):
     return TURN_SEP.join(parts) + TURN_SEP + ASSISTANT
 
 
+# Bump when the rule that turns text into trained ids changes: it is part of every data-cache
+# key, so a cache prepared by an older rule is never reused (2 = reply ids as a suffix of the
+# joined text; 1 = reply encoded on its own, which trained a stray leading "▁").
+TOKENIZATION_VERSION = 2
+
+
+def encode_replies(tok, prompts, prompt_ids, replies, where):
+    """The trained ids of each reply: encode(prompt + reply) minus the prompt's ids.
+
+    The model must be trained on the prompt format AS IT TOKENIZES: `### Assistant:\nThe`
+    is [..., <0x0A>, The], while `The` encoded on its own is [▁The] (sentencepiece's dummy
+    prefix; a reply starting with a digit even gets a lone ▁ 29871 before it). Training on
+    the separate encoding taught every reply to start with a space, and disagreed with how
+    earlier assistant turns inside a multi-turn prompt are tokenized. So the whole text is
+    encoded once and the reply is whatever follows the prompt's ids. That split is exact
+    because every prompt ends with "\n", Llama's byte token <0x0A>, which never merges with
+    what follows; a tokenizer where it does is refused, naming the row."""
+    joined = tok.encode(p + r for p, r in zip(prompts, replies))  # batched, C++ threads
+    out = []
+    for p_ids, j_ids, w in zip(prompt_ids, joined, where):
+        if j_ids[:len(p_ids)] != p_ids:
+            sys.exit(f"{w}: the prompt's tokens are not a prefix of prompt + reply's tokens (the tokenizer "
+                     f"merged across the end of the prompt), so the label mask cannot be exact. The prompt must "
+                     f"end with a newline that the tokenizer keeps as its own token (Llama-2's <0x0A> does).")
+        out.append(j_ids[len(p_ids):])
+    return out
+
+
 def build_example(prompt_ids, reply_ids, eos_id, bos_id, max_len):
     """ids = BOS + prompt + reply + EOS, labels = IGNORE over BOS + prompt, the reply + EOS.
 
-    Prompt and reply are tokenized SEPARATELY and joined as ids: tokenizing the joined
-    string lets sentencepiece merge across the boundary (Llama's stray 29871 "▁"), and
-    then string offsets no longer say where the reply starts. Joining ids makes the mask
-    exact by construction. If too long, the reply is cut (its start is kept) and gets no
-    EOS: the model must not learn to stop where the text did not.
+    reply_ids come from encode_replies (the suffix of the joined text), so ids are exactly
+    [BOS] + encode(prompt + reply) + [EOS], and the mask is exact by construction: no string
+    offsets. If too long, the reply is cut (its start is kept) and gets no EOS: the model must
+    not learn to stop where the text did not. A prompt that alone fills max_len leaves no
+    trained token (the caller drops the row); it is cut, never allowed to eat into the reply.
     Returns (ids, labels, truncated)."""
-    ids = [bos_id] + prompt_ids
-    room = max_len - len(ids)
+    ids = ([bos_id] + prompt_ids)[:max_len]
+    room = max_len - len(ids)  # >= 0
     reply = reply_ids + [eos_id]
     truncated = len(reply) > room
     reply = reply[:room]
     return ids + reply, [IGNORE] * len(ids) + reply, truncated
+
+
+# --show_examples: "what exactly is my model trained on?" answered with the prepared ids
+# themselves (the same function that builds the training data), not a re-rendering of text.
+
+
+def show_count(value):
+    """--show_examples value -> None (not asked), a count >= 1, or "all"."""
+    if value is None:
+        return None
+    if value == "all":
+        return value
+    if not value.isdigit() or int(value) < 1:
+        sys.exit(f"config error: --show_examples: expected a whole number >= 1 or 'all', got {value!r}")
+    return int(value)
+
+
+def render_example(tok, ids, labels, width=600):
+    """One example as text with the trained tokens inside [[ ]], plus the token pieces around the
+    prompt/reply boundary (where the stray "▁" used to hide). Spans are cut from the decode of the
+    whole prefix: a span decoded on its own would lose its leading space to sentencepiece."""
+    trained = [l != IGNORE for l in labels]
+    cuts = [0] + [k for k in range(1, len(ids)) if trained[k] != trained[k - 1]] + [len(ids)]
+    texts = [tok.decode(ids[:k]) for k in cuts]  # decode() drops BOS/EOS; shown as pieces below
+    parts = []
+    for a, b, t0, t1 in zip(cuts, cuts[1:], texts, texts[1:]):
+        span = t1[len(t0):] + ("</s>" if ids[b - 1] == tok.eos_id else "")
+        if len(span) > width:
+            span = span[:width // 2] + f" …[{len(span) - width} chars]… " + span[-width // 2:]
+        parts.append(f"[[{span}]]" if trained[a] else span)
+    first = trained.index(True) if any(trained) else len(ids)
+    pieces = [tok.sp.id_to_piece(i) for i in ids[max(first - 3, 0):first + 3]]
+    boundary = " ".join(repr(x) for x in pieces[:min(first, 3)]) + " | " + " ".join(
+        repr(x) for x in pieces[min(first, 3):])
+    return "".join(parts), f"boundary (prompt | first trained tokens): {boundary}"
+
+
+def write_examples(path, examples, tok, n_print=3):
+    """examples: dicts with "where" and either input_ids/labels (SFT) or chosen/rejected holding
+    them (DPO). Written as JSON (labels -100 where untrained, the HF convention); the first
+    n_print are printed with the trained tokens marked."""
+    save_json(path, examples)
+    for ex in examples[:n_print]:
+        for side in ("chosen", "rejected") if "chosen" in ex else (None,):
+            e = ex[side] if side else ex
+            n_trained = sum(l != IGNORE for l in e["labels"])
+            text, boundary = render_example(tok, e["input_ids"], e["labels"])
+            print(f"--- {ex['where']}{f' ({side})' if side else ''}: {len(e['input_ids'])} tokens, "
+                  f"{n_trained} trained (inside [[ ]])\n{text}\n{boundary}")
+    print(f"{len(examples)} prepared examples written to {path}")
 
 
 # -----------------------------------------------------------------------------
@@ -396,13 +474,13 @@ def stage_data(stage_out_dir, stage):
     out = Path(stage_out_dir)
     report = json.loads((out / "data_report.json").read_text())
     cfg = json.loads((out / "config.json").read_text())
-    # the digest the FINAL adapter was trained on (a later --prepare-only may have rewritten the report)
+    # the digest the FINAL adapter was trained on (a later --prepare_only may have rewritten the report)
     want = json.loads((out / "final/summary.json").read_text()).get("data_digest", report.get("data_digest"))
     hit = load_cached(cfg.get("cache_dir"), report.get("cache_key"))
     if hit is None or data_digest(hit[0]) != want:
         sys.exit(f"the prepared data of {out} is not in its cache ({cfg.get('cache_dir') or 'cache off'}); "
                  f"rebuild it (seconds, no training) with the run's settings: "
-                 f"python {stage}.py --prepare-only --preset ... (the flags in {out / 'config.json'})")
+                 f"python {stage}.py --prepare_only --preset ... (the flags in {out / 'config.json'})")
     return hit[0], report, cfg
 
 

@@ -106,11 +106,15 @@ def write_data():
 def write_tokenizer(records):
     """BPE sentencepiece in Llama-2's conventions: unk 0, bos 1, eos 2, no pad, a dummy
     prefix space, byte fallback (so any unicode still encodes), and NO normalisation (the
-    default one collapses the newlines the prompt format depends on)."""
+    default one collapses the newlines the prompt format depends on). Like Llama-2's, it has no
+    piece containing a newline: "\n" is the byte token <0x0A>, which never merges with its
+    neighbours, so a prompt ending "### Assistant:\n" is a token prefix of prompt + reply and a
+    reply's last token is the same whether EOS or "\n\n### Human:" follows (trained on text with
+    the newlines turned into spaces; byte fallback encodes them)."""
     import io
     import sentencepiece as spm
-    text = [r["instruction"] + "\n" + r["response"] for r in records]
-    text += ["### Human:\n", "### Assistant:\n"] * 20
+    text = [(r["instruction"] + " " + r["response"]).replace("\n", " ") for r in records]
+    text += ["### Human: ", "### Assistant: "] * 20
     buf = io.BytesIO()
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(text), model_writer=buf, model_type="bpe", vocab_size=512,

@@ -33,6 +33,7 @@ from config import DPOConfig, parse_args, print_config, resolve, to_dict
 
 cfg, opts = parse_args(DPOConfig, sys.argv[1:], flags=common.STAGE_FLAGS)
 prepare_only = opts["prepare_only"]
+show = common.show_count(opts["show_examples"])  # None, N or "all": checked now, used after the data
 dist = common.Distributed()  # NPROC > 1 (make train NPROC=N): one process per GPU, rank 0 writes
 if cfg.grad_accum % dist.world:
     sys.exit(f"--grad_accum {cfg.grad_accum} must be a multiple of the {dist.world} processes "
@@ -62,8 +63,9 @@ common.save_json(out_dir / "config.json", to_dict(cfg))
 tok = Tokenizer(cfg.model_dir)
 
 
-def read_pairs(paths, report):
-    """-> list of (prompt_ids, chosen_ids, rejected_ids, chosen_labels, rejected_labels)."""
+def read_pairs(paths, report, limit=None):
+    """-> [(where, chosen_ids, chosen_labels, rejected_ids, rejected_labels)] in file order.
+    `limit` stops after that many kept pairs (--show_examples N): the same code path as training."""
     raw = []
     for path in paths:
         for lineno, row in common.read_jsonl(path, report):
@@ -85,10 +87,18 @@ def read_pairs(paths, report):
                 report.drop("identical chosen and rejected", where)  # zero gradient, fake accuracy
             else:
                 raw.append((where, common.format_prompt(c[0]), c[1], r[1]))
-    prompts = tok.encode(x[1] for x in raw)
-    chosen_ids, rejected_ids = tok.encode(x[2] for x in raw), tok.encode(x[3] for x in raw)
+            if limit is not None and len(raw) >= 2 * limit + 16:
+                break  # enough candidates for `limit` kept pairs
+        if limit is not None and len(raw) >= 2 * limit + 16:
+            break
+    wheres, prompts = [x[0] for x in raw], [x[1] for x in raw]
+    prompt_ids = tok.encode(prompts)
+    # each reply's ids are the suffix of encode(prompt + reply), as in sft.py: the same prompt ids
+    # on both sides, and the tokens the prompt format really has at the start of the reply
+    chosen_ids = common.encode_replies(tok, prompts, prompt_ids, [x[2] for x in raw], wheres)
+    rejected_ids = common.encode_replies(tok, prompts, prompt_ids, [x[3] for x in raw], wheres)
     pairs = []
-    for (where, *_), p, c, r in zip(raw, prompts, chosen_ids, rejected_ids):
+    for where, p, c, r in zip(wheres, prompt_ids, chosen_ids, rejected_ids):
         if 1 + len(p) > cfg.max_prompt_len:
             report.drop("prompt longer than max_prompt_len", where)
             continue
@@ -101,21 +111,23 @@ def read_pairs(paths, report):
         report.lengths_before.append(1 + len(p) + max(len(c), len(r)) + 1)
         report.lengths_after.append(max(len(c_ids), len(r_ids)))
         report.truncated += c_cut or r_cut
-        pairs.append((c_ids, c_lab, r_ids, r_lab))
+        pairs.append((where, c_ids, c_lab, r_ids, r_lab))
+        if limit is not None and len(pairs) == limit:
+            break
     return pairs
 
 
 def prepare_data():
     """Train pairs (seeded sample of max_pairs) and held-out eval pairs, as flat tensors for the cache."""
     report = DataReport(f"hh-rlhf {cfg.split}: {cfg.subsets} (dpo)")
-    pairs = read_pairs(data_files[cfg.split], report)
+    pairs = [p[1:] for p in read_pairs(data_files[cfg.split], report)]
     report.check_bad_share(cfg.max_bad_fraction, resolve(cfg.data_dir))
     random.Random(cfg.seed).shuffle(pairs)  # seeded: the sample and the held-out set are a function of the seed
     eval_report = DataReport(f"hh-rlhf test: {cfg.subsets} (dpo eval)")
     if cfg.split == "test":  # train on test: hold the eval pairs out of it
         eval_pairs, pairs = pairs[:cfg.eval_pairs], pairs[cfg.eval_pairs:]
     else:
-        eval_pairs = read_pairs(data_files["test"], eval_report)
+        eval_pairs = [p[1:] for p in read_pairs(data_files["test"], eval_report)]
         random.Random(cfg.seed).shuffle(eval_pairs)
         eval_pairs = eval_pairs[:cfg.eval_pairs]
     if cfg.max_pairs > 0:
@@ -135,7 +147,8 @@ def prepare_data():
 data_key = common.data_fingerprint(
     [f for split in (cfg.split, "test") for f in data_files[split]] + [resolve(cfg.model_dir) / "tokenizer.model"],
     {k: getattr(cfg, k) for k in ("subsets", "split", "seed", "max_pairs", "eval_pairs", "max_len",
-                                  "max_prompt_len", "max_bad_fraction")})
+                                  "max_prompt_len", "max_bad_fraction")}
+    | {"tokenization": common.TOKENIZATION_VERSION})
 data, report, t_prep, cache_hit = common.load_or_prepare(cfg.cache_dir, data_key, prepare_data)
 data_hash = report["data_digest"]  # of the prepared tensors: saved in every checkpoint, checked on resume
 # the run's cost before it starts: chosen + rejected tokens of every pair, every epoch
@@ -149,6 +162,14 @@ report["estimate"] = {"tokens": n_tokens, "flops_per_token": "8.5 x params (poli
 common.print_report({k: v for k, v in report.items() if k != "eval"})
 print(f"data: {'cache hit' if cache_hit else 'prepared'} in {t_prep:.1f}s (key {data_key})")
 common.save_json(out_dir / "data_report.json", report)
+if show and dist.main:
+    # the first N kept pairs of the training split in file order (with "all", the test split's
+    # held-out pairs follow), through the same read_pairs as training
+    files = data_files[cfg.split] + (data_files["test"] if show == "all" and cfg.split == "train" else [])
+    shown = read_pairs(files, DataReport("examples"), limit=None if show == "all" else show)
+    common.write_examples(out_dir / "examples.json", [
+        {"where": w, "chosen": {"input_ids": c, "labels": cl}, "rejected": {"input_ids": r, "labels": rl}}
+        for w, c, cl, r, rl in shown], tok)
 if prepare_only:
     print(f"data report written to {cfg.output_dir}/data_report.json")
     sys.exit(0)

@@ -397,6 +397,9 @@ tok = common.Tokenizer(model_dir)
 prompts = [["What is the capital of France?"], ["What is 12 + 7?"], ["Tell me a joke about a cat."],
            ["Hi there.", "Hello! How can I help?", "Write a two-line poem about an owl."]]
 texts = [common.format_prompt(p) for p in prompts] + ["Bonjour, こんにちは, Γειά σου: 1234 +  56\n\n\tend"]
+# a prompt with its reply, tokenized as ONE text: these are the ids training used for a reply
+# (common.encode_replies), so the GGUF must give them too (no stray "▁" before the "19")
+texts.append(common.format_prompt(prompts[1]) + "19.")
 want_ids = [[tok.bos_id] + ids for ids in tok.encode(texts)]  # BOS + text, as training and chat.py build them
 for t in todo:
     gtok = AutoTokenizer.from_pretrained(scratch, gguf_file=f"{stem}-{t}.gguf")
@@ -406,10 +409,11 @@ for t in todo:
     if (gtok.bos_token_id, gtok.eos_token_id) != (tok.bos_id, tok.eos_id):
         fail(f"{t}: bos/eos ids {gtok.bos_token_id}/{gtok.eos_token_id} != {tok.bos_id}/{tok.eos_id}")
     if chat_template:
-        rendered = gtok.apply_chat_template([{"role": "user", "content": prompts[0][0]}], tokenize=False,
-                                            add_generation_prompt=True)
-        if rendered != tok.sp.id_to_piece(tok.bos_id) + texts[0]:
-            fail(f"{t}: the chat template renders {rendered!r}, not the training prompt format")
+        for p, text in ((prompts[0], texts[0]), (prompts[3], texts[3])):  # one turn, and multi-turn history
+            messages = [{"role": "user" if i % 2 == 0 else "assistant", "content": x} for i, x in enumerate(p)]
+            rendered = gtok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            if rendered != tok.sp.id_to_piece(tok.bos_id) + text:
+                fail(f"{t}: the chat template renders {rendered!r}, not the training prompt format")
 print(f"tokenizer: the GGUF metadata reproduces tokenizer.model's ids on {len(texts)} texts"
       + (" and the chat template renders the prompt format" if chat_template else ""))
 

@@ -27,6 +27,7 @@ from config import SFTConfig, parse_args, print_config, resolve, to_dict
 
 cfg, opts = parse_args(SFTConfig, sys.argv[1:], flags=common.STAGE_FLAGS)
 prepare_only = opts["prepare_only"]
+show = common.show_count(opts["show_examples"])  # None, N or "all": checked now, used after the data
 dist = common.Distributed()  # NPROC > 1 (make train NPROC=N): one process per GPU, rank 0 writes
 if cfg.grad_accum % dist.world:
     sys.exit(f"--grad_accum {cfg.grad_accum} must be a multiple of the {dist.world} processes "
@@ -53,11 +54,13 @@ common.save_json(out_dir / "config.json", to_dict(cfg))
 tok = Tokenizer(cfg.model_dir)
 data_key = common.data_fingerprint(
     [data_path, resolve(cfg.model_dir) / "tokenizer.model"],
-    {k: getattr(cfg, k) for k in ("max_seq_len", "eval_fraction", "seed", "max_bad_fraction")})
+    {k: getattr(cfg, k) for k in ("max_seq_len", "eval_fraction", "seed", "max_bad_fraction")}
+    | {"tokenization": common.TOKENIZATION_VERSION})
 
 
-def prepare_data():
-    report = DataReport("airoboros-gpt4-1.4.1 (sft)")
+def build_examples(report, limit=None):
+    """Read, validate, format and tokenize -> [(where, ids, labels)] in file order (kept rows only).
+    `limit` stops after that many kept rows (--show_examples N): the same code path as training."""
     instructions, responses, where_from = [], [], []
     for lineno, row in common.read_jsonl(data_path, report):
         where = f"{data_path.name}:{lineno}"
@@ -72,21 +75,34 @@ def prepare_data():
         instructions.append(ins.strip())
         responses.append(resp.strip())
         where_from.append(where)
-    report.check_bad_share(cfg.max_bad_fraction, data_path)
+        if limit is not None and len(where_from) >= 2 * limit + 16:
+            break  # enough candidates for `limit` kept examples (a few may still drop below)
 
-    prompt_ids = tok.encode(common.format_prompt([i]) for i in instructions)  # batched, C++ threads
-    reply_ids = tok.encode(responses)
+    prompts = [common.format_prompt([i]) for i in instructions]
+    prompt_ids = tok.encode(prompts)  # batched, C++ threads
+    # the reply's ids are the suffix of encode(prompt + reply): the ids the prompt format really has
+    reply_ids = common.encode_replies(tok, prompts, prompt_ids, responses, where_from)
     examples = []
     for p, r, where in zip(prompt_ids, reply_ids, where_from):
         ids, labels, truncated = common.build_example(p, r, tok.eos_id, tok.bos_id, cfg.max_seq_len)
-        report.lengths_before.append(1 + len(p) + len(r) + 1)
-        report.lengths_after.append(len(ids))
-        report.truncated += truncated
         if sum(l != IGNORE for l in labels) == 0:
             report.drop("prompt alone fills max_seq_len", where)
             continue
-        examples.append((ids, labels))
+        # token lengths of KEPT rows only: a dropped row would skew the percentiles
+        report.lengths_before.append(1 + len(p) + len(r) + 1)
+        report.lengths_after.append(len(ids))
+        report.truncated += truncated
+        examples.append((where, ids, labels))
+        if limit is not None and len(examples) == limit:
+            break
     report.kept = len(examples)
+    return examples
+
+
+def prepare_data():
+    report = DataReport("airoboros-gpt4-1.4.1 (sft)")
+    examples = [(ids, labels) for _, ids, labels in build_examples(report)]
+    report.check_bad_share(cfg.max_bad_fraction, data_path)
 
     # Deterministic held-out split (by seed), so eval loss is comparable across resumes and runs.
     order = list(range(len(examples)))
@@ -121,6 +137,11 @@ report["estimate"] = {"tokens": rows_total * cfg.max_seq_len, "flops_per_token":
 common.print_report(report)
 print(f"data: {'cache hit' if cache_hit else 'prepared'} in {t_prep:.1f}s (key {data_key})")
 common.save_json(out_dir / "data_report.json", report)
+if show and dist.main:
+    # the first N kept records in file order (held-out ones too), through the same build_examples
+    shown = build_examples(DataReport("examples"), limit=None if show == "all" else show)
+    common.write_examples(out_dir / "examples.json",
+                          [{"where": w, "input_ids": ids, "labels": labels} for w, ids, labels in shown], tok)
 if prepare_only:
     print(f"data report written to {cfg.output_dir}/data_report.json")
     sys.exit(0)

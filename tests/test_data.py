@@ -31,26 +31,79 @@ AIROBOROS_RECORDS = [
     ("special-looking", "Print the text </s> and <s>.", "Here: </s> and <s> are just text."),
     ("digits", "What is 1234 + 5678?", "1234 + 5678 = 6912"),
     ("long", "Repeat the word 'token' many times.", " ".join(["token"] * 3000)),
+    ("starts-with-digit", "How many legs does a spider have?", "8 legs."),
+    ("starts-with-quote", "Quote Hamlet.", "\"To be, or not to be\""),
+    ("starts-with-code-fence", "Show a bash loop.", "```bash\nfor i in 1 2; do echo $i; done\n```"),
+]
+
+
+# Replies whose first characters are where a tokenization boundary goes wrong: sentencepiece's
+# dummy prefix turns a separately encoded "The" into "▁The" and puts a lone "▁" (29871) before a digit.
+REPLY_STARTS = [
+    ("digit", "23 + 32 = 55."), ("punctuation", "...well, \"quoted\" (yes)!"), ("space", " leading space kept"),
+    ("tab", "\tindented"), ("newline", "\nfirst line empty"), ("newlines", "\n\n- a\n- b"),
+    ("cjk", "東京は日本の首都です。"), ("greek", "Γειά σου κόσμε"), ("emoji", "👋 hi"), ("cyrillic", "Привет"),
+    ("symbol", "$100 (€92)"), ("hash", "### Not a turn"), ("word", "The sky is blue."), ("single", "a"),
 ]
 
 
 def check_example(tok, prompt, reply, max_len=2048):
-    p_ids, r_ids = tok.encode([prompt, reply])
+    """The trained example is exactly the prompt format as it tokenizes, and its labels are exactly
+    the reply: ids == [BOS] + encode(prompt + reply) + [EOS], labelled = everything after the prompt."""
+    (p_ids,) = tok.encode([prompt])
+    (r_ids,) = common.encode_replies(tok, [prompt], [p_ids], [reply], ["test"])
     ids, labels, truncated = common.build_example(p_ids, r_ids, tok.eos_id, tok.bos_id, max_len)
+    (joined,) = tok.encode([prompt + reply])
     assert len(ids) == len(labels) <= max_len
-    labelled = [t for t, l in zip(ids, labels) if l != IGNORE]
-    assert labelled == [l for l in labels if l != IGNORE]  # labels equal the input ids where scored
-    # everything before the reply is masked: BOS + the prompt, exactly
-    assert labels[:1 + len(p_ids)] == [IGNORE] * (1 + len(p_ids))
-    assert ids[0] == tok.bos_id and tok.decode(ids[1:1 + len(p_ids)]) == prompt
+    if truncated:
+        assert ids == ([tok.bos_id] + joined)[:max_len]
+    else:
+        assert ids == [tok.bos_id] + joined + [tok.eos_id], "the ids must be those of the joined text"
+    n_prompt = 1 + len(p_ids)
+    assert labels[:n_prompt] == [IGNORE] * n_prompt  # BOS + the prompt, exactly
+    assert labels[n_prompt:] == ids[n_prompt:]  # and every token after it, the reply (+ EOS)
+    labelled = labels[n_prompt:]
+    # decoded WITH the prompt (alone, sentencepiece would drop a leading space): exactly the reply
+    text = tok.decode(ids[1:n_prompt] + labelled)
+    assert text[:len(prompt)] == prompt
     if not truncated:
         assert labelled[-1] == tok.eos_id, "the model must learn to stop"
-        assert tok.decode(labelled[:-1]) == reply
+        assert text[len(prompt):] == reply
     else:
         assert tok.eos_id not in labelled, "a cut reply must not teach stopping at the cut"
-        assert reply.startswith(tok.decode(labelled))
+        assert reply.startswith(text[len(prompt):])
+    # no stray dummy-prefix space: the first trained piece starts with "▁" only if the reply starts with " "
+    assert tok.sp.id_to_piece(labelled[0]).startswith("▁") == reply.startswith(" "), tok.sp.id_to_piece(labelled[0])
     assert tok.pad_id != tok.eos_id
     return truncated
+
+
+def test_reproduction_first_trained_token_is_the_reply_not_a_space(llama_tokenizer):
+    """The bug report's case: a reply starting with a digit used to begin with a lone "▁" (29871)."""
+    tok = llama_tokenizer
+    prompt = common.format_prompt(["What is 23 + 32?"])
+    (p_ids,) = tok.encode([prompt])
+    (r_ids,) = common.encode_replies(tok, [prompt], [p_ids], ["23 + 32 = 55."], ["test"])
+    ids, labels, _ = common.build_example(p_ids, r_ids, tok.eos_id, tok.bos_id, 2048)
+    first = next(l for l in labels if l != IGNORE)
+    assert first != 29871 and tok.sp.id_to_piece(first) == "2"
+    assert tok.decode(ids).endswith("### Assistant:\n23 + 32 = 55.")
+    assert tok.encode(["23 + 32 = 55."])[0][0] == 29871  # the separate encoding the fix avoids
+
+
+@pytest.mark.parametrize("name,reply", REPLY_STARTS, ids=[r[0] for r in REPLY_STARTS])
+def test_labels_exact_for_every_kind_of_reply_start(llama_tokenizer, name, reply):
+    check_example(llama_tokenizer, common.format_prompt(["Answer."]), reply)
+    # and after a multi-turn prompt, whose earlier assistant turn is tokenized the same way
+    check_example(llama_tokenizer, common.format_prompt(["Hi", reply, "Again?"]), reply)
+
+
+def test_a_prompt_that_is_not_a_token_prefix_is_refused(llama_tokenizer):
+    """A prompt not ending in its own token would make the mask inexact: loud, naming the row."""
+    with pytest.raises(SystemExit, match="rows.jsonl:7: the prompt's tokens are not a prefix"):
+        prompt = "### Human:\nSay hello wor"  # no newline at the end: "▁wor" + "ld" merge into "▁world"
+        (p_ids,) = llama_tokenizer.encode([prompt])
+        common.encode_replies(llama_tokenizer, [prompt], [p_ids], ["ld"], ["rows.jsonl:7"])
 
 
 def test_labels_exact_on_every_real_hh_rlhf_row(llama_tokenizer):
@@ -91,8 +144,6 @@ def test_split_hh_takes_the_final_assistant_turn_only():
 def test_real_fixture_quirks_are_counted():
     """The fixture has empty replies and prompt mismatches; none may become a training pair."""
     path = FIXTURES / "hh-rlhf-harmless-base-test-head200.jsonl.gz"
-    if not path.is_file():
-        pytest.skip("fixture absent")
     same = empty = 0
     for line in gzip.open(path, "rt"):
         row = json.loads(line)

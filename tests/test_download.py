@@ -7,7 +7,7 @@ traceback) for a wrong pin or a dead link.
 download.py runs for real, as a subprocess, against tests/fake_hub.py on 127.0.0.1
 (HF_ENDPOINT), which serves the repo ids, revisions and file lists of config.py with tiny
 bytes. --root points all writes into tmp_path; --sources swaps in the shard hashes of the
-tiny bytes. tokenizer.model is the real one from ../shared/fixtures when present, so the
+tiny bytes. tokenizer.model is the real one from tests/fixtures, so the
 published hash in config.py is checked for real. No internet needed; ~15 s.
 
     .venv/bin/python -m pytest -q tests/test_download.py
@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import config  # noqa: E402
 from fake_hub import FakeHub, etag_of  # noqa: E402
 
-TOKENIZER = ROOT.parent / "shared" / "fixtures" / "llama2-tokenizer.model"
+TOKENIZER = ROOT / "tests" / "fixtures" / "llama2-tokenizer.model"
 UNWANTED = ("pytorch_model-00001-of-00003.bin", "pytorch_model-00002-of-00003.bin", "pytorch_model.bin.index.json",
             "red-team-attempts/train.jsonl.gz", "as_conversations.json")
 
@@ -50,7 +50,7 @@ def build_repos():
     repos, expected = {}, {}
     for key, src in config.SOURCES.items():
         files = {name: fake_bytes(src.repo_id, name) for name in src.files}
-        if "tokenizer.model" in files and TOKENIZER.exists():
+        if "tokenizer.model" in files:
             files["tokenizer.model"] = TOKENIZER.read_bytes()  # the real one: config's published hash must match
         for extra in UNWANTED:  # served, and must never be asked for
             files[extra] = b"must not be downloaded" * 100
@@ -74,7 +74,7 @@ def write_sources(path, hub, revision_override=None):
     for key, src in config.SOURCES.items():
         d = dataclasses.asdict(src)
         d["files"] = list(src.files)
-        d["sha256"] = {name: (h if name == "tokenizer.model" and TOKENIZER.exists() else sha(hub.files[key][name]))
+        d["sha256"] = {name: (h if name == "tokenizer.model" else sha(hub.files[key][name]))
                        for name, h in src.sha256.items()}
         if revision_override and key in revision_override:
             d["revision"] = revision_override[key]
@@ -171,8 +171,6 @@ def test_corrupted_file_is_deleted_and_named(tmp_path, hub):
 
 
 def test_published_tokenizer_hash_is_checked(tmp_path, hub):
-    if not TOKENIZER.exists():
-        pytest.skip("../shared/fixtures/llama2-tokenizer.model not available")
     # with config's own published hash: the real tokenizer passes, a corrupted one fails
     sources = write_sources(tmp_path / "s.json", hub)
     assert json.loads(sources.read_text())["model"]["sha256"]["tokenizer.model"] == \

@@ -3,7 +3,7 @@
 template), llama.cpp's tensor names and q/k row layout, and that a real GGUF loader
 (transformers, which dequantizes and undoes llama.cpp's q/k permutation) reproduces the
 safetensors model's logits and greedy tokens. Independent of the script's own checks.
-Also: the real Llama-2 tokenizer's 32000 pieces survive the trip (skips without ../shared).
+Also: the real Llama-2 tokenizer's 32000 pieces survive the trip (tests/fixtures).
 
     .venv/bin/python -m pytest -q tests/test_export.py
 """
@@ -56,7 +56,7 @@ def test_files_and_sidecars(exported):
         assert rec["sha256"] == common.sha256_file(out / f"merged-{t}.gguf")
         assert rec["bytes"] == (out / f"merged-{t}.gguf").stat().st_size
         assert rec["source_complete_sha256"] == complete_sha  # which merge it came from
-        assert rec["verify"]["greedy_wrong"] == 0 and rec["verify"]["greedy_positions"] > 60
+        assert rec["verify"]["greedy_wrong"] == 0 and rec["verify"]["greedy_positions"] > 30  # 4 replies, to EOS
         assert rec["verify"]["mean_kl_nats"] < {"f16": 1e-5, "q8_0": 1e-3}[t]  # measured 1e-7 / 6e-5
     assert (out / "merged-q8_0.gguf").stat().st_size < 0.6 * (out / "merged-f16.gguf").stat().st_size
     assert "read back: every tensor's name, type, shape and bytes match" in stdout
@@ -235,8 +235,6 @@ def test_real_llama2_tokenizer_survives(tmp_path):
     exporter on a tiny random model with Llama-2's vocabulary; the script's tokenizer check
     re-encodes prompts, digits and unicode through the GGUF's metadata."""
     src = FIXTURES / "llama2-tokenizer.model"
-    if not src.is_file():
-        pytest.skip("../shared/fixtures/llama2-tokenizer.model not present (only in the team's checkout)")
     import gguf
     from transformers import LlamaConfig, LlamaForCausalLM
     torch.manual_seed(0)

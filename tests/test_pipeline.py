@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 import common
 from common import IGNORE
-from conftest import run, stage_args
+from conftest import FIXTURES, run, stage_args
 
 SAFE_SUFFIXES = {".safetensors", ".json", ".jsonl"}
 
@@ -213,3 +213,26 @@ def test_chat_template_renders_the_training_prompt(pipeline):
     rendered = jinja2.Template(template).render(messages=messages, bos_token="<s>", eos_token="</s>",
                                                 add_generation_prompt=True)
     assert rendered == "<s>" + common.format_prompt(turns)
+
+
+@pytest.mark.parametrize("tokenizer", ["demo", "llama2"])
+def test_chat_template_tokenizes_as_training_did(pipeline, tmp_path, tokenizer):
+    """What a chat client sends (apply_chat_template in transformers, the same template in the
+    GGUF) must be the very ids training used: [BOS] + encode(prompt), the history's assistant turn
+    tokenized inside the joined text as in training (a reply starting with a digit: no stray "▁")."""
+    from transformers import AutoTokenizer
+    root, _ = pipeline
+    folder = tmp_path / "tok"
+    shutil.copytree(root / "models/merged", folder, ignore=shutil.ignore_patterns("*.safetensors"))
+    if tokenizer == "llama2":
+        shutil.copy(FIXTURES / "llama2-tokenizer.model", folder / "tokenizer.model")
+    hf, tok = AutoTokenizer.from_pretrained(folder), common.Tokenizer(folder)
+    turns = ["What is 23 + 32?", "55, since 23 + 32 = 55.", "And 10 + 10?\nJust the number."]
+    messages = [{"role": "user" if i % 2 == 0 else "assistant", "content": t} for i, t in enumerate(turns)]
+    got = hf.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+    assert got == [tok.bos_id] + tok.encode([common.format_prompt(turns)])[0]
+    # the assistant turn inside that prompt is exactly what training labelled for it
+    prompt = common.format_prompt(turns[:1])
+    (p_ids,) = tok.encode([prompt])
+    (r_ids,) = common.encode_replies(tok, [prompt], [p_ids], [turns[1]], ["test"])
+    assert got[1:1 + len(p_ids) + len(r_ids)] == p_ids + r_ids

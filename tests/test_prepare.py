@@ -88,8 +88,6 @@ def test_gzip_that_ends_early_is_counted(demo_root, tmp_path):
 def test_hh_rlhf_filters_on_the_real_fixture(demo_root, tmp_path):
     """The 200 real rows through dpo.py: quirks dropped and counted by reason, truncation symmetric."""
     src = FIXTURES / "hh-rlhf-harmless-base-test-head200.jsonl.gz"
-    if not src.is_file():
-        pytest.skip("../shared/fixtures absent")
     data = tmp_path / "hh"
     (data / "harmless-base").mkdir(parents=True)
     shutil.copy(src, data / "harmless-base/test.jsonl.gz")
@@ -150,3 +148,67 @@ def test_resume_refuses_changed_data(demo_root, tmp_path):
     (data / "instructions.jsonl").write_text("\n".join(lines[:-3]) + "\n", encoding="utf-8")
     p = run("sft.py", *args, "--max_steps", "4", check=False)
     assert p.returncode != 0 and "prepared data changed" in p.stdout and "Traceback" not in p.stdout
+
+
+def _read_rows(path):
+    import gzip
+    opener = gzip.open if str(path).endswith(".gz") else open
+    with opener(path, "rt", encoding="utf-8") as f:
+        return {i: json.loads(line) for i, line in enumerate(f, 1) if line.strip()}
+
+
+def test_show_examples_are_the_trained_ids_in_file_order(demo_root, tmp_path):
+    """--show_examples N: the first N kept rows, in file order, unpacked, each exactly
+    [BOS] + encode(prompt + reply) + [EOS] with -100 over BOS + prompt (the real data path)."""
+    import common
+    tok = common.Tokenizer(demo_root / "models/demo-llama")
+    data = write_airoboros(tmp_path / "data", [])
+    lines = (data / "instructions.jsonl").read_text().splitlines()
+    lines[1] = '{"instruction": "", "response": "dropped: empty"}'  # line 2 is not kept: skipped in the listing
+    (data / "instructions.jsonl").write_text("\n".join(lines) + "\n")
+    p = sft_prepare(demo_root, data, tmp_path / "out", "--show_examples", "3", "--max_bad_fraction", "0.5")
+    shown = json.loads((tmp_path / "out/examples.json").read_text())
+    assert [e["where"] for e in shown] == ["instructions.jsonl:1", "instructions.jsonl:3", "instructions.jsonl:4"]
+    rows = _read_rows(data / "instructions.jsonl")
+    for e in shown:
+        row = rows[int(e["where"].rsplit(":", 1)[1])]
+        prompt = common.format_prompt([row["instruction"]])
+        (p_ids,) = tok.encode([prompt])
+        assert e["input_ids"] == [tok.bos_id] + tok.encode([prompt + row["response"]])[0] + [tok.eos_id]
+        assert e["labels"] == [-100] * (1 + len(p_ids)) + e["input_ids"][1 + len(p_ids):]
+    assert "[[Answer 0.</s>]]" in p.stdout and "boundary (prompt | first trained tokens)" in p.stdout
+    assert "data report written" in p.stdout  # --prepare_only: stopped after writing them
+    # 'all': every kept record (the held-out ones too), still in file order
+    sft_prepare(demo_root, data, tmp_path / "out", "--show_examples", "all", "--max_bad_fraction", "0.5")
+    shown = json.loads((tmp_path / "out/examples.json").read_text())
+    report = json.loads((tmp_path / "out/data_report.json").read_text())
+    assert len(shown) == report["rows_kept"] == 39
+    assert [int(e["where"].rsplit(":", 1)[1]) for e in shown] == [1] + list(range(3, 41))
+
+
+def test_show_examples_dpo_both_sides(demo_root, tmp_path):
+    import common
+    tok = common.Tokenizer(demo_root / "models/demo-llama")
+    data = demo_root / "data/demo/hh-rlhf"
+    p = dpo_prepare(demo_root, data, tmp_path / "out", "--subsets", "helpful-base", "--show_examples", "2")
+    shown = json.loads((tmp_path / "out/examples.json").read_text())
+    assert [e["where"].rsplit(":", 1)[0] for e in shown] == ["helpful-base/train.jsonl.gz"] * 2
+    rows = _read_rows(data / "helpful-base/train.jsonl.gz")
+    for e in shown:
+        row = rows[int(e["where"].rsplit(":", 1)[1])]
+        for side in ("chosen", "rejected"):
+            turns, reply = common.split_hh(row[side])
+            prompt = common.format_prompt(turns)
+            (p_ids,) = tok.encode([prompt])
+            assert e[side]["input_ids"] == [tok.bos_id] + tok.encode([prompt + reply])[0] + [tok.eos_id]
+            assert e[side]["labels"][:1 + len(p_ids)] == [-100] * (1 + len(p_ids))
+    assert "(chosen)" in p.stdout and "(rejected)" in p.stdout
+
+
+@pytest.mark.parametrize("value", ["0", "-2", "some", "1.5"])
+def test_show_examples_bad_value(demo_root, tmp_path, value):
+    p = sft_prepare(demo_root, demo_root / "data/demo/airoboros", tmp_path / "out", "--show_examples", value,
+                    check=False)
+    assert p.returncode == 1 and "Traceback" not in p.stdout
+    assert f"--show_examples: expected a whole number >= 1 or 'all', got '{value}'" in p.stdout
+    assert not (tmp_path / "out").exists()  # refused before anything was written
