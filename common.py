@@ -272,6 +272,7 @@ class DataReport:
         self.name, self.read, self.kept, self.truncated = name, 0, 0, 0
         self.dropped = {}  # reason -> [count, first line numbers]
         self.bad = 0  # unreadable / malformed rows (the share checked against max_bad_fraction)
+        self.files = {}  # file label -> [rows read, bad rows, first bad lines]: the share is per FILE
         self.lengths_before, self.lengths_after = [], []
         self.extra = {}
 
@@ -280,14 +281,23 @@ class DataReport:
         entry[0] += 1
         if len(entry[1]) < 5:
             entry[1].append(where)
-        self.bad += bad
+        if bad:
+            self.bad += 1
+            f = self.files.setdefault(where.rsplit(":", 1)[0], [0, 0, []])
+            f[1] += 1
+            if len(f[2]) < 5:
+                f[2].append(f"{reason} at line {where.rsplit(':', 1)[1]}")
 
-    def check_bad_share(self, max_fraction, path):
-        if self.read and self.bad / self.read > max_fraction:
-            sys.exit(f"{path}: {self.bad} of {self.read} rows are malformed ({self.bad / self.read:.1%} > "
-                     f"max_bad_fraction {max_fraction:.1%}); first ones: "
-                     + "; ".join(f"{r} at {ls}" for r, (n, ls) in self.dropped.items())
-                     + ". Re-download the file (make download-datasets-and-models) or raise --max_bad_fraction.")
+    def check_bad_share(self, max_fraction, folder):
+        """Stop if any ONE file has more than max_fraction bad rows: judged over all files together, a
+        ruined small subset would hide under the big ones' good rows."""
+        for label, (read, bad, first) in self.files.items():
+            if read and bad / read > max_fraction:
+                sys.exit(f"{Path(folder) / label}: {bad} of {read} rows are malformed ({bad / read:.1%} > "
+                         f"max_bad_fraction {max_fraction:.1%}); first ones: {'; '.join(first)}. "
+                         f"Restore the file (make verify FULL=1 finds damaged downloads and prints the command "
+                         f"that re-fetches them) or raise --max_bad_fraction.")
+
 
     def to_dict(self):
         def pct(xs):
@@ -318,48 +328,94 @@ def print_report(d):
             print(f"  {k:<26} {v}")
 
 
-def read_jsonl(path, report):
-    """Yield (line_number, dict) from .jsonl or .jsonl.gz; count bad lines instead of raising."""
-    opener = gzip.open if str(path).endswith(".gz") else open
-    lineno = 0
+def read_jsonl(path, report, label=None):
+    """Yield (line_number, dict) for each JSON-object line of a .jsonl or .jsonl.gz file.
+
+    Rows and files fail differently. A bad ROW (invalid UTF-8, invalid or absurd JSON, not an
+    object, a lone surrogate sentencepiece cannot encode) is counted with its line number and
+    skipped; the share of them is judged later (check_bad_share). A bad FILE (unreadable, not
+    gzip, a gzip cut short, empty) stops the run naming it: counting a ruined file as one bad
+    row would silently drop a whole subset. Lines are decoded one by one from bytes: a decode
+    error in a text-mode stream surfaces per 8 KB chunk, naming the wrong line and losing the
+    good rows around it. `label` is how the file is named in the report (subset/file.jsonl.gz)."""
+    path, label = Path(path), label or Path(path).name
+    counts = report.files.setdefault(label, [0, 0, []])
+    fix = "restore it (make verify FULL=1 finds damaged downloads and prints the command that re-fetches them)"
     try:
-        with opener(path, "rt", encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                report.read += 1
+        raw = open(path, "rb")
+    except OSError as e:
+        sys.exit(f"{path}: cannot be read ({e.strerror}); {fix}")
+    with raw:
+        lines = iter(gzip.GzipFile(fileobj=raw) if path.suffix == ".gz" else raw)
+        lineno, rows = 0, 0
+        while True:
+            try:
+                line = next(lines)
+            except StopIteration:
+                break
+            except (OSError, EOFError, zlib.error) as e:  # gzip.BadGzipFile is an OSError
+                if isinstance(e, EOFError):
+                    what = f"is cut short after line {lineno} (the gzip ends early: an interrupted download or copy)"
+                elif lineno == 0:
+                    what = "is not a gzip file"
+                else:
+                    what = f"is damaged after line {lineno} (corrupt gzip data)"
+                sys.exit(f"{path}: {what}: {e}; {fix}")
+            lineno += 1
+            if lineno == 1:
+                line = line.removeprefix(b"\xef\xbb\xbf")  # a byte-order mark from an editor is not data
+            if not line.strip():
+                continue
+            where = f"{label}:{lineno}"
+            rows += 1
+            report.read += 1
+            counts[0] += 1
+            try:
+                text = line.decode("utf-8")
+            except UnicodeDecodeError:
+                report.drop("invalid UTF-8", where, bad=True)
+                continue
+            try:
+                row = json.loads(text)
+            except (ValueError, RecursionError):  # + 100,000-deep nesting and 5,000-digit ints
+                report.drop("invalid JSON", where, bad=True)
+                continue
+            if not isinstance(row, dict):
+                report.drop("not a JSON object", where, bad=True)
+                continue
+            if "\\ud" in text.lower():  # only an escape can make a lone surrogate: check just those lines
                 try:
-                    row = json.loads(line)
-                except json.JSONDecodeError:
-                    report.drop("invalid JSON", f"{Path(path).name}:{lineno}", bad=True)
+                    json.dumps(row, ensure_ascii=False).encode("utf-8")
+                except UnicodeEncodeError:
+                    report.drop("invalid unicode (lone surrogate escape)", where, bad=True)
                     continue
-                if not isinstance(row, dict):
-                    report.drop("not a JSON object", f"{Path(path).name}:{lineno}", bad=True)
-                    continue
-                yield lineno, row
-    except (EOFError, OSError, zlib.error, UnicodeDecodeError) as e:
-        # a gzip cut short (interrupted copy) ends here: keep what was read, count the rest as bad
-        report.read += 1
-        report.drop(f"file ends early or is corrupt ({type(e).__name__})", f"{Path(path).name}:{lineno + 1}", bad=True)
+            yield lineno, row
+    if rows == 0:
+        sys.exit(f"{path}: the file is empty (no rows); {fix}")
 
 
 def split_hh(transcript):
-    """hh-rlhf transcript -> (turns before the final reply, final reply) or None.
+    """hh-rlhf transcript -> (turns before the final reply, final reply); ValueError(reason) if it
+    is not one.
 
-    The transcript is "\\n\\nHuman: ...\\n\\nAssistant: ...". The preference is only in the
-    FINAL assistant turn: everything up to the last "\\n\\nAssistant:" is the prompt
+    The transcript is "\n\nHuman: ...\n\nAssistant: ...". The preference is only in the
+    FINAL assistant turn: everything up to the last "\n\nAssistant:" is the prompt
     (the 2023 recipe made a pair of every turn; 60% of them had chosen == rejected)."""
     cut = transcript.rfind("\n\nAssistant:")
     if cut < 0:
-        return None
+        raise ValueError("not a Human/Assistant transcript")
     head, reply = transcript[:cut], transcript[cut + len("\n\nAssistant:"):]
+    if "\n\nHuman:" in reply:
+        # the text after the last assistant turn holds a human turn: the transcript ends on the
+        # human's words, and "the reply" would teach the model to write the user's next turn
+        raise ValueError("transcript ends on a Human turn")
     turns = []
     for chunk in head.split("\n\nHuman:")[1:]:
         human, *assistant = chunk.split("\n\nAssistant:")
         turns.append(human.strip())
         turns.extend(a.strip() for a in assistant)
     if not turns or not head.startswith("\n\nHuman:") or len(turns) % 2 == 0:
-        return None  # must start with a human turn and alternate, ending on a human turn
+        raise ValueError("not a Human/Assistant transcript")  # must start with a human turn and alternate
     return turns, reply.strip()
 
 

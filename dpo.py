@@ -64,19 +64,22 @@ tok = Tokenizer(cfg.model_dir)
 
 
 def read_pairs(paths, report, limit=None):
-    """-> [(where, chosen_ids, chosen_labels, rejected_ids, rejected_labels)] in file order.
+    """-> [(where, chosen_ids, chosen_labels, rejected_ids, rejected_labels, untruncated length)] in
+    file order.
     `limit` stops after that many kept pairs (--show_examples N): the same code path as training."""
     raw = []
     for path in paths:
-        for lineno, row in common.read_jsonl(path, report):
+        for lineno, row in common.read_jsonl(path, report, label=f"{path.parent.name}/{path.name}"):
             where = f"{path.parent.name}/{path.name}:{lineno}"
             chosen, rejected = row.get("chosen"), row.get("rejected")
             if not isinstance(chosen, str) or not isinstance(rejected, str):
                 report.drop("missing or non-string chosen/rejected", where, bad=True)
                 continue
-            c, r = common.split_hh(chosen), common.split_hh(rejected)
-            if c is None or r is None:
-                report.drop("not a Human/Assistant transcript", where, bad=True)
+            try:
+                c, r = common.split_hh(chosen), common.split_hh(rejected)
+            except ValueError as e:
+                # a malformed transcript is bad input; one ending on a human turn is a quirk
+                report.drop(str(e), where, bad=str(e).startswith("not a"))
                 continue
             if c[0] != r[0]:
                 # the split point differs: a reply itself contains "\n\nAssistant:" (5 of 2,312 in harmless test)
@@ -108,10 +111,9 @@ def read_pairs(paths, report, limit=None):
         if c_ids == r_ids:
             report.drop("identical after truncation", where)
             continue
-        report.lengths_before.append(1 + len(p) + max(len(c), len(r)) + 1)
-        report.lengths_after.append(max(len(c_ids), len(r_ids)))
         report.truncated += c_cut or r_cut
-        pairs.append((where, c_ids, c_lab, r_ids, r_lab))
+        # + the longer side's untruncated length, for the report's percentiles (of kept pairs only)
+        pairs.append((where, c_ids, c_lab, r_ids, r_lab, 1 + len(p) + max(len(c), len(r)) + 1))
         if limit is not None and len(pairs) == limit:
             break
     return pairs
@@ -121,18 +123,24 @@ def prepare_data():
     """Train pairs (seeded sample of max_pairs) and held-out eval pairs, as flat tensors for the cache."""
     report = DataReport(f"hh-rlhf {cfg.split}: {cfg.subsets} (dpo)")
     pairs = [p[1:] for p in read_pairs(data_files[cfg.split], report)]
-    report.check_bad_share(cfg.max_bad_fraction, resolve(cfg.data_dir))
+    report.check_bad_share(cfg.max_bad_fraction, resolve(cfg.data_dir))  # per file: names the broken subset
     random.Random(cfg.seed).shuffle(pairs)  # seeded: the sample and the held-out set are a function of the seed
     eval_report = DataReport(f"hh-rlhf test: {cfg.subsets} (dpo eval)")
     if cfg.split == "test":  # train on test: hold the eval pairs out of it
         eval_pairs, pairs = pairs[:cfg.eval_pairs], pairs[cfg.eval_pairs:]
-    else:
+    elif cfg.eval_pairs > 0:
         eval_pairs = [p[1:] for p in read_pairs(data_files["test"], eval_report)]
+        eval_report.check_bad_share(cfg.max_bad_fraction, resolve(cfg.data_dir))
         random.Random(cfg.seed).shuffle(eval_pairs)
         eval_pairs = eval_pairs[:cfg.eval_pairs]
+    else:
+        eval_pairs = []  # --eval_pairs 0: the user asked for no held-out evaluation
     if cfg.max_pairs > 0:
         pairs = pairs[:cfg.max_pairs]  # the pair budget (see README for the hours it buys)
-    report.kept = len(pairs)
+    for rep, ps in ((report, pairs), (eval_report, eval_pairs if cfg.split != "test" else [])):
+        rep.kept = len(ps)
+        rep.lengths_before = [p[4] for p in ps]  # percentiles over the pairs actually used
+        rep.lengths_after = [max(len(p[0]), len(p[2])) for p in ps]
     report.extra = {"train_pairs": len(pairs), "eval_pairs": len(eval_pairs),
                     "tokens_per_pair_mean": round(sum(len(p[0]) + len(p[2]) for p in pairs) / max(len(pairs), 1), 1)}
     data = {}
@@ -160,8 +168,18 @@ else:
 report["estimate"] = {"tokens": n_tokens, "flops_per_token": "8.5 x params (policy 6.5 + reference forward 2)",
                       "hours": common.hours_estimate(n_tokens, 8.5 * common.model_params(cfg.model_dir))}
 common.print_report({k: v for k, v in report.items() if k != "eval"})
+if report["eval"]["rows_read"]:
+    common.print_report(report["eval"])
 print(f"data: {'cache hit' if cache_hit else 'prepared'} in {t_prep:.1f}s (key {data_key})")
 common.save_json(out_dir / "data_report.json", report)
+# nothing to train on, or a held-out set of nothing (whose eval would log loss 0.0000 and accuracy
+# 0.00 for the whole run), is an error: --prepare_only too, so a check of the data says so
+if len(data["train_chosen_len"]) == 0:
+    sys.exit(f"no usable preference pairs in {', '.join(str(f) for f in data_files[cfg.split])}: every row was "
+             f"dropped (reasons and first lines above, and in {cfg.output_dir}/data_report.json)")
+if cfg.eval_pairs > 0 and len(data["eval_chosen_len"]) == 0:
+    sys.exit(f"no usable held-out pairs in {', '.join(str(f) for f in data_files['test'])} (reasons above): "
+             f"restore the test split, or pass --eval_pairs 0 to train without held-out evaluation")
 if show and dist.main:
     # the first N kept pairs of the training split in file order (with "all", the test split's
     # held-out pairs follow), through the same read_pairs as training
@@ -169,13 +187,11 @@ if show and dist.main:
     shown = read_pairs(files, DataReport("examples"), limit=None if show == "all" else show)
     common.write_examples(out_dir / "examples.json", [
         {"where": w, "chosen": {"input_ids": c, "labels": cl}, "rejected": {"input_ids": r, "labels": rl}}
-        for w, c, cl, r, rl in shown], tok)
+        for w, c, cl, r, rl, _ in shown], tok)
 if prepare_only:
     print(f"data report written to {cfg.output_dir}/data_report.json")
     sys.exit(0)
 pairs, eval_pairs = common.pairs_from_cache(data, "train"), common.pairs_from_cache(data, "eval")
-if not pairs:
-    sys.exit(f"{cfg.data_dir}: no usable preference pairs")
 if ckpt is not None:
     common.check_resume_data(ckpt, data_hash)  # same config but different data: the run would not continue
 
@@ -235,6 +251,8 @@ def forward_logps(batch):
 
 @torch.no_grad()
 def evaluate():
+    if not eval_pairs:
+        return {}  # --eval_pairs 0: nothing to log (never a fake 0.0000 from zero pairs)
     model.eval()
     sums = {"eval_loss": 0.0, "eval_acc": 0.0, "eval_margin": 0.0}
     for i in range(cfg.micro_batch_size * dist.rank, len(eval_pairs), cfg.micro_batch_size * dist.world):

@@ -102,7 +102,7 @@ def build_examples(report, limit=None):
 def prepare_data():
     report = DataReport("airoboros-gpt4-1.4.1 (sft)")
     examples = [(ids, labels) for _, ids, labels in build_examples(report)]
-    report.check_bad_share(cfg.max_bad_fraction, data_path)
+    report.check_bad_share(cfg.max_bad_fraction, data_path.parent)
 
     # Deterministic held-out split (by seed), so eval loss is comparable across resumes and runs.
     order = list(range(len(examples)))
@@ -142,13 +142,14 @@ if show and dist.main:
     shown = build_examples(DataReport("examples"), limit=None if show == "all" else show)
     common.write_examples(out_dir / "examples.json",
                           [{"where": w, "input_ids": ids, "labels": labels} for w, ids, labels in shown], tok)
+if len(data["train_ids"]) == 0:  # an error with --prepare_only too: a check of the data must say so
+    sys.exit(f"{data_path}: no usable training examples: every row was dropped or held out (reasons and "
+             f"first lines above, and in {cfg.output_dir}/data_report.json)")
 if prepare_only:
     print(f"data report written to {cfg.output_dir}/data_report.json")
     sys.exit(0)
 train_ids, train_labels, train_pos, train_real = (data[f"train_{k}"] for k in ("ids", "labels", "pos", "real"))
 eval_ids, eval_labels, eval_pos = (data[f"eval_{k}"] for k in ("ids", "labels", "pos"))
-if len(train_ids) == 0:
-    sys.exit(f"{data_path}: no usable training examples")
 if ckpt is not None:
     common.check_resume_data(ckpt, data_hash)  # same config but different data: the run would not continue
 
@@ -262,7 +263,7 @@ while step < total_steps:
     step += 1
 
     record = {"step": step, "loss": step_loss, "lr": lr, "grad_norm": float(grad_norm)}
-    if step % cfg.eval_steps == 0 or step == total_steps:
+    if len(eval_ids) and (step % cfg.eval_steps == 0 or step == total_steps):  # none held out: no eval line
         record["eval_loss"] = evaluate()
     if step % cfg.log_steps == 0 or step == total_steps or "eval_loss" in record:
         now = time.time()

@@ -113,9 +113,11 @@ def test_labels_exact_on_every_real_hh_rlhf_row(llama_tokenizer):
     checked = 0
     for row in rows:
         for side in ("chosen", "rejected"):
-            split = common.split_hh(row[side])
-            assert split is not None
-            turns, reply = split
+            try:
+                turns, reply = common.split_hh(row[side])
+            except ValueError as e:
+                assert str(e) == "transcript ends on a Human turn"
+                continue
             if not reply:
                 continue
             check_example(llama_tokenizer, common.format_prompt(turns), reply)
@@ -137,7 +139,10 @@ def test_prompt_format_is_the_contract():
 def test_split_hh_takes_the_final_assistant_turn_only():
     t = "\n\nHuman: hi\n\nAssistant: hello\n\nHuman: what is 2+2?\n\nAssistant: 4"
     assert common.split_hh(t) == (["hi", "hello", "what is 2+2?"], "4")
-    assert common.split_hh("no roles here") is None
+    with pytest.raises(ValueError, match="not a Human/Assistant transcript"):
+        common.split_hh("no roles here")
+    with pytest.raises(ValueError, match="transcript ends on a Human turn"):
+        common.split_hh("\n\nHuman: hi\n\nAssistant: hello\n\nHuman: and then?")
     assert common.split_hh("\n\nHuman: hi\n\nAssistant:") == (["hi"], "")
 
 
@@ -147,7 +152,10 @@ def test_real_fixture_quirks_are_counted():
     same = empty = 0
     for line in gzip.open(path, "rt"):
         row = json.loads(line)
-        c, r = common.split_hh(row["chosen"]), common.split_hh(row["rejected"])
+        try:
+            c, r = common.split_hh(row["chosen"]), common.split_hh(row["rejected"])
+        except ValueError:
+            continue
         same += c[0] != r[0]
         empty += (not c[1]) or (not r[1])
     assert same + empty > 0

@@ -67,22 +67,20 @@ def test_too_many_bad_rows_stop_with_a_clear_message(demo_root, tmp_path):
     assert "instructions.jsonl" in p.stdout and "max_bad_fraction" in p.stdout and "41" in p.stdout
 
 
-def test_gzip_that_ends_early_is_counted(demo_root, tmp_path):
+def test_gzip_that_ends_early_stops_the_run_naming_the_subset(demo_root, tmp_path):
+    """A cut-short gzip is a damaged FILE, not one bad row: counted as a row it hid under the
+    threshold and silently dropped the rest of the subset. Whatever --max_bad_fraction says."""
     src = demo_root / "data/demo/hh-rlhf"
     data = tmp_path / "hh"
     shutil.copytree(src, data)
     blob = (data / "helpful-base/train.jsonl.gz").read_bytes()
     (data / "helpful-base/train.jsonl.gz").write_bytes(blob[:len(blob) * 2 // 3])  # an interrupted copy
     p = dpo_prepare(demo_root, data, tmp_path / "out", "--subsets", "harmless-base,helpful-base",
-                    "--max_bad_fraction", "0.9")
-    assert "Traceback" not in p.stdout
-    report = json.loads((tmp_path / "out/data_report.json").read_text())
-    (reason, entry), = [(k, v) for k, v in report["rows_dropped"].items() if k.startswith("file ends early")]
-    assert entry["first_lines"][0].startswith("train.jsonl.gz:")
-    assert report["name"].endswith("harmless-base,helpful-base (dpo)")
-    # and with the default 1% budget the same file stops the run, naming the folder
-    p = dpo_prepare(demo_root, data, tmp_path / "out2", "--subsets", "harmless-base,helpful-base", check=False)
-    assert p.returncode != 0 and "Traceback" not in p.stdout and "file ends early" in p.stdout
+                    "--max_bad_fraction", "0.9", check=False)
+    assert p.returncode == 1 and "Traceback" not in p.stdout
+    assert f"{data / 'helpful-base/train.jsonl.gz'}: is cut short after line" in p.stdout
+    assert "make verify FULL=1" in p.stdout
+    assert not (tmp_path / "out/data_report.json").exists()  # no report of a partial subset
 
 
 def test_hh_rlhf_filters_on_the_real_fixture(demo_root, tmp_path):
