@@ -40,12 +40,6 @@ from config import ASSISTANT, HUMAN, TURN_SEP, resolve, sha256_file, to_dict
 
 IGNORE = -100  # label value that cross_entropy skips: prompt tokens and padding
 
-# Script options of sft.py / dpo.py that are not config fields (config.parse_args flags).
-STAGE_FLAGS = [("--prepare_only", "prepare the data, write data_report.json (and examples.json), stop; "
-                "alias --prepare-only"),
-               ("--show_examples N", "write the first N prepared examples (or 'all') with their trained "
-                "tokens to <output_dir>/examples.json and print a few")]
-
 
 # -----------------------------------------------------------------------------
 # Inputs: fail in the first second, listing every missing file and the fix.

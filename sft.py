@@ -23,14 +23,11 @@ import time
 import torch
 
 from common import IGNORE, DataReport, Tokenizer
-from config import SFTConfig, parse_args, print_config, resolve, to_dict
+from config import STAGE_FLAGS, SFTConfig, parse_args, print_config, resolve, to_dict
 
-cfg, opts = parse_args(SFTConfig, sys.argv[1:], flags=common.STAGE_FLAGS)
+cfg, opts = parse_args(SFTConfig, sys.argv[1:], flags=STAGE_FLAGS)
 prepare_only = opts["prepare_only"]
 dist = common.Distributed()  # NPROC > 1 (make train NPROC=N): one process per GPU, rank 0 writes
-if cfg.grad_accum % dist.world:
-    sys.exit(f"--grad_accum {cfg.grad_accum} must be a multiple of the {dist.world} processes "
-             f"(each takes grad_accum / {dist.world} micro-batches of every step)")
 print_config(cfg)
 out_dir, final_dir = resolve(cfg.output_dir), resolve(cfg.output_dir) / "final"
 resume_cmd = " ".join(["python"] + sys.argv) if dist.world == 1 else f"make train NPROC={dist.world} (same flags)"
