@@ -41,6 +41,7 @@ if common.is_complete(final_dir) and not prepare_only:
     print(f"dpo: already complete ({cfg.output_dir}/final): nothing to do. "
           f"Use a new --output_dir (or delete that folder) to train again.")
     sys.exit(0)
+common.require_output_dirs(cfg, "output_dir", "cache_dir")
 subsets = cfg.subsets.split(",")
 data_files = {split: [resolve(cfg.data_dir) / s / f"{split}.jsonl.gz" for s in subsets] for split in ("train", "test")}
 fix = "python demo_assets.py" if "demo" in cfg.model_dir else "make download-datasets-and-models"

@@ -35,6 +35,7 @@ if common.is_complete(final_dir) and not prepare_only:
     print(f"sft: already complete ({cfg.output_dir}/final): nothing to do. "
           f"Use a new --output_dir (or delete that folder) to train again.")
     sys.exit(0)
+common.require_output_dirs(cfg, "output_dir", "cache_dir")
 data_path = resolve(cfg.data_dir) / "instructions.jsonl"
 fix = "python demo_assets.py" if "demo" in cfg.model_dir else "make download-datasets-and-models"
 common.require_files(common.model_files(cfg.model_dir) + [data_path], fix)
