@@ -56,7 +56,7 @@ PIP_SOURCE := $(if $(wildcard wheels/*.whl),--no-index --find-links wheels,)
 # what verify checks: download.py's manifest, or the one demo_assets.py writes
 MANIFEST := $(if $(filter demo,$(PRESET)),data/demo/manifest.json,manifest.json)
 
-.PHONY: help venv download-datasets-and-models verify demo-assets sft dpo merge train demo chat eval export-gguf test bench bench-data bench-merge clean-demo
+.PHONY: help venv download-datasets-and-models verify demo-assets check-config sft dpo merge train demo chat eval export-gguf test bench bench-data bench-merge clean-demo
 
 # List targets.  make help
 help:
@@ -81,8 +81,17 @@ verify: venv
 demo-assets: venv
 	$(PY) demo_assets.py
 
+# A bad DPO_ARGS must not wait for SFT's hours; WORLD_SIZE is what accelerate launch will set, so an
+# indivisible grad_accum stops here with one line, never as N ranks' errors and a launcher traceback.
+# Every stage's flags checked in a second, before any stage runs (each stage checks again).  make check-config NPROC=2
+check-config: venv
+	@WORLD_SIZE=$(NPROC) $(PY) config.py sft --preset $(PRESET) $(SFT_ARGS) >/dev/null
+	@WORLD_SIZE=$(NPROC) $(PY) config.py dpo --preset $(PRESET) $(DPO_ARGS) >/dev/null
+	@$(PY) config.py merge --preset $(PRESET) $(MERGE_ARGS) >/dev/null
+	@$(PY) config.py eval --preset $(PRESET) $(EVAL_ARGS) >/dev/null
+
 # Stage 1, QLoRA SFT on Airoboros; resumes from the newest checkpoint.  make sft SFT_ARGS="--max_steps 100"
-sft: venv verify
+sft: venv check-config verify
 	$(TRAIN_PY) sft.py --preset $(PRESET) $(SFT_ARGS)
 
 # Stage 2, DPO on hh-rlhf from the SFT adapter; needs a complete SFT.  make dpo DPO_ARGS="--beta 0.2"

@@ -28,6 +28,7 @@ import random
 import shutil
 import signal
 import sys
+import tempfile
 import time
 import zlib
 from pathlib import Path
@@ -40,21 +41,47 @@ from config import ASSISTANT, HUMAN, TURN_SEP, resolve, sha256_file, to_dict
 
 IGNORE = -100  # label value that cross_entropy skips: prompt tokens and padding
 
-# Script options of sft.py / dpo.py that are not config fields (config.parse_args flags).
-STAGE_FLAGS = [("--prepare_only", "prepare the data, write data_report.json (and examples.json), stop; "
-                "alias --prepare-only"),
-               ("--show_examples N", "write the first N prepared examples (or 'all') with their trained "
-                "tokens to <output_dir>/examples.json and print a few")]
-
 
 # -----------------------------------------------------------------------------
 # Inputs: fail in the first second, listing every missing file and the fix.
 
 
 def require_files(paths, fix):
-    missing = [str(p) for p in paths if not Path(p).is_file()]
-    if missing:
-        sys.exit("missing input files:\n  " + "\n  ".join(missing) + f"\nfetch or build them with: {fix}")
+    """Every input file exists and opens; else stop listing each problem and the fix. Opened here,
+    not first at its read after minutes of loading (a chmod 000 file, a folder named like the file)."""
+    problems = []
+    for p in map(Path, paths):
+        try:
+            open(p, "rb").close()
+        except (FileNotFoundError, NotADirectoryError):
+            # a --data_dir or --model_dir given as a file: say so, not only "missing"
+            blocker = next((a for a in p.parents if a.is_file()), None)
+            problems.append(f"{p}" + (f" ({blocker} is a file, not a folder)" if blocker else ""))
+        except IsADirectoryError:
+            problems.append(f"{p} (a folder, not a file)")
+        except OSError as e:
+            problems.append(f"{p} (cannot be read: {e.strerror})")
+    if problems:
+        sys.exit("missing input files:\n  " + "\n  ".join(problems) + f"\nfetch or build them with: {fix}")
+
+
+def require_output_dirs(cfg, *names, whole=False):
+    """Each cfg.<name> is a folder this process can write in, or can be created: checked now, not at
+    the first save hours later. whole=True: the folder is replaced whole (common.AtomicFolder writes
+    <folder>.tmp beside it and renames), so its parent is where the writing happens."""
+    for name in names:
+        value = getattr(cfg, name)
+        if not value:
+            continue  # cache_dir "" = off
+        p, where = resolve(value), f"{type(cfg).__name__}.{name} = {value!r}"
+        q = start = p.parent if whole else p
+        try:
+            q = next(a for a in (start, *start.parents) if a.exists())  # the folder that will be written in
+            if p.exists() and not p.is_dir() or not q.is_dir():
+                sys.exit(f"{where}: {p if p.exists() else q} is a file, not a folder; choose another --{name}")
+            tempfile.TemporaryFile(dir=q).close()  # a real write: permissions, read-only disks, /proc
+        except OSError as e:
+            sys.exit(f"{where}: cannot write in {q} ({e.strerror}); choose another --{name} or fix its permissions")
 
 
 def model_files(model_dir):

@@ -13,8 +13,12 @@ This module imports nothing heavy (no torch): the Makefile and tests can use it 
 
 import dataclasses
 import difflib
+import functools
 import hashlib
 import json
+import math
+import os
+import re
 import sys
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -113,41 +117,41 @@ class SFTConfig:
     model_dir: str = BASE_MODEL.local_dir  # base model folder (config, tokenizer, fp16 safetensors)
     data_dir: str = AIROBOROS.local_dir  # folder holding instructions.jsonl
     output_dir: str = "checkpoints/sft"  # step_XXXXXX/ checkpoints and final/ adapter go here
-    seed: int = 1337  # drives data order, held-out split, LoRA init and dropout
+    seed: int = 1337  # [0, 4294967295]: data order, held-out split, LoRA init, dropout (2^32-1: per-step torch seeds made from it stay < 2^64)
     # data
-    max_seq_len: int = 2048  # packed row length in tokens; longer examples are truncated (reply kept from the start)
-    eval_fraction: float = 0.005  # 0.5% of records held out for eval loss
-    max_bad_fraction: float = 0.01  # stop if more than this share of input rows is unreadable or empty
+    max_seq_len: int = 2048  # >= 16: packed row length in tokens; longer examples are cut (reply kept from its start); 16 = BOS + template with a 1-token instruction (13) + reply token + EOS
+    eval_fraction: float = 0.005  # [0, 1): share of records held out for eval loss (0.5%); 0 = none, 1 would leave nothing to train
+    max_bad_fraction: float = 0.01  # [0, 1]: stop if more than this share of input rows is unreadable or empty
     cache_dir: str = "data/cache"  # prepared (tokenized, packed) data, keyed by a fingerprint of inputs, tokenizer, settings and code; "" = off
     # model
     dtype: str = "auto"  # compute dtype: auto = bf16 on GPUs that have it, fp16 on older GPUs, fp32 on CPU
     quantize_4bit: bool = True  # NF4 + double quant base (QLoRA); False only for debugging on tiny models
     gradient_checkpointing: bool = True  # recompute activations in backward: ~40x less activation memory, ~30% more compute
-    logits_chunk: int = 1024  # tokens whose [., 32000] fp32 logits exist at once (chunked CE, recomputed in backward); 0 = all
-    max_vram_gib: float = 23.6  # GPU memory budget: one worst-case step is run first and the run refused if it needs more; 0 = no check
-    lora_r: int = 128  # adapter rank: higher = more capacity, more memory (r=128 on 13B is 0.50B params)
-    lora_alpha: int = 16  # LoRA scale is alpha / r (Guanaco used alpha 16)
-    lora_dropout: float = 0.05  # dropout on the adapter input (Guanaco: 0.05 for 13B/33B)
-    lora_targets: str = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"  # all 7 linear layers (QLoRA paper: needed to match full finetuning)
+    logits_chunk: int = 1024  # >= 0: tokens whose [., 32000] fp32 logits exist at once (chunked CE, recomputed in backward); 0 = all
+    max_vram_gib: float = 23.6  # >= 0: GPU memory budget: one worst-case step is run first and the run refused if it needs more; 0 = no check
+    lora_r: int = 128  # >= 1: adapter rank: higher = more capacity, more memory (r=128 on 13B is 0.50B params)
+    lora_alpha: int = 16  # >= 1: LoRA scale is alpha / r (Guanaco used alpha 16)
+    lora_dropout: float = 0.05  # [0, 1): dropout on the adapter input (Guanaco: 0.05 for 13B/33B); 1 would zero it
+    lora_targets: str = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"  # comma list, each once: all 7 linear layers (QLoRA paper: needed to match full FT)
     # optimisation
     optimizer: str = "paged_adamw_8bit"  # paged_adamw_8bit (bitsandbytes, GPU) or adamw (torch, exact fp32; CPU)
-    lr: float = 2e-4  # peak learning rate (QLoRA paper for 7B-13B)
-    min_lr_ratio: float = 0.1  # cosine decays to lr * this
-    warmup_steps: int = 50  # linear warmup from 0, in optimizer steps
-    weight_decay: float = 0.0  # on adapter weights only; QLoRA used 0
-    adam_beta1: float = 0.9  # Adam first-moment decay
-    adam_beta2: float = 0.999  # Adam second-moment decay
-    grad_clip: float = 0.3  # max global grad norm (QLoRA paper); 0 disables
-    micro_batch_size: int = 1  # packed rows per forward pass; 1 x 2048 tokens fits 24 GB with checkpointing
-    grad_accum: int = 16  # micro-steps per optimizer step: 16 x 2048 = 32k tokens per step
-    num_epochs: int = 3  # passes over the training records
-    max_steps: int = -1  # optimizer steps to run; -1 = num_epochs worth
+    lr: float = 2e-4  # > 0: peak learning rate (QLoRA paper for 7B-13B)
+    min_lr_ratio: float = 0.1  # [0, 1]: cosine decays to lr * this
+    warmup_steps: int = 50  # >= 0: linear warmup from 0, in optimizer steps
+    weight_decay: float = 0.0  # >= 0: on adapter weights only; QLoRA used 0
+    adam_beta1: float = 0.9  # [0, 1): Adam first-moment decay (1 divides by zero in the bias correction)
+    adam_beta2: float = 0.999  # [0, 1): Adam second-moment decay (1 divides by zero in the bias correction)
+    grad_clip: float = 0.3  # >= 0: max global grad norm (QLoRA paper); 0 = no clipping
+    micro_batch_size: int = 1  # >= 1: packed rows per forward pass; 1 x 2048 tokens fits 24 GB with checkpointing
+    grad_accum: int = 16  # >= 1: micro-steps per optimizer step: 16 x 2048 = 32k tokens per step; a multiple of the processes (make NPROC)
+    num_epochs: int = 3  # >= 1: passes over the training records
+    max_steps: int = -1  # -1 or >= 1: optimizer steps to run; -1 = num_epochs worth
     # bookkeeping
-    log_steps: int = 10  # print and log metrics every N optimizer steps
-    eval_steps: int = 200  # eval loss on the held-out split every N optimizer steps (and at the end)
-    eval_max_rows: int = 0  # cap on held-out packed rows per eval (0 = all)
-    save_steps: int = 200  # write a resumable checkpoint every N optimizer steps
-    keep_last: int = 2  # complete checkpoints to keep (the newest is never deleted before a newer one is complete)
+    log_steps: int = 10  # >= 1: print and log metrics every N optimizer steps
+    eval_steps: int = 200  # >= 1: eval loss on the held-out split every N optimizer steps (and at the end)
+    eval_max_rows: int = 0  # >= 0: cap on held-out packed rows per eval (0 = all)
+    save_steps: int = 200  # >= 1: write a resumable checkpoint every N optimizer steps
+    keep_last: int = 2  # >= 1: complete checkpoints to keep (the newest is never deleted before a newer one is complete)
 
 
 @dataclass(frozen=True)
@@ -156,45 +160,45 @@ class DPOConfig:
     sft_dir: str = "checkpoints/sft/final"  # SFT adapter: loaded frozen, it IS the reference model
     data_dir: str = HH_RLHF.local_dir  # folder holding <subset>/{train,test}.jsonl.gz
     output_dir: str = "checkpoints/dpo"  # step_XXXXXX/ checkpoints and final/ adapter go here
-    seed: int = 1337  # drives pair sampling and order, LoRA init
-    subsets: str = ",".join(HH_SUBSETS)  # comma list of hh-rlhf subsets to train on
+    seed: int = 1337  # [0, 4294967295]: drives pair sampling and order, LoRA init (2^32 - 1, as SFT)
+    subsets: str = ",".join(HH_SUBSETS)  # comma list of hh-rlhf subsets to train on, each once
     split: str = "train"  # train or test
-    max_pairs: int = 32000  # pair budget after filtering, sampled uniformly (0 = all ~160k; see README for hours)
-    eval_pairs: int = 512  # held-out pairs from the test split for reward accuracy / eval loss
+    max_pairs: int = 32000  # >= 0: pair budget after filtering, sampled uniformly (0 = all ~160k; see README for hours)
+    eval_pairs: int = 512  # >= 0: held-out pairs from the test split for reward accuracy / eval loss
     # sequence limits, applied identically to chosen and rejected
-    max_len: int = 1536  # prompt + reply tokens per side
-    max_prompt_len: int = 1024  # a longer prompt drops the pair (it would leave too little reply to compare)
-    max_bad_fraction: float = 0.01  # stop if more than this share of input rows is unreadable
+    max_len: int = 1536  # >= 16: prompt + reply tokens per side (16: as SFT's max_seq_len)
+    max_prompt_len: int = 1024  # >= 14, < max_len: a longer prompt drops the pair (too little reply left to compare); 14 = BOS + a 1-token instruction in the template
+    max_bad_fraction: float = 0.01  # [0, 1]: stop if more than this share of input rows is unreadable
     cache_dir: str = "data/cache"  # prepared pairs, keyed by a fingerprint of inputs, tokenizer, settings and code; "" = off
     # DPO
-    beta: float = 0.1  # KL strength: reward = beta * (log pi - log ref); lower = drift further from SFT
+    beta: float = 0.1  # > 0: KL strength: reward = beta * (log pi - log ref); lower = drift further from SFT (< 0 trains toward the rejected replies, 0 gives no gradient)
     # model (same meaning as SFT)
     dtype: str = "auto"  # same as SFT: auto = bf16 / fp16 on GPU, fp32 on CPU
     quantize_4bit: bool = True  # NF4 + double quant base, as in SFT (the SFT adapter was trained against it)
     gradient_checkpointing: bool = True  # recompute activations in backward: needed for 2 x 1536 tokens on 24 GB
-    logits_chunk: int = 1024  # tokens whose fp32 logits exist at once when computing log-probs (chunked); 0 = all
-    max_vram_gib: float = 23.6  # GPU memory budget: one worst-case step is run first and the run refused if it needs more; 0 = no check
-    lora_r: int = 128  # the DPO adapter stacked on the frozen SFT adapter
-    lora_alpha: int = 16  # DPO adapter scale = alpha / r
-    lora_dropout: float = 0.0  # 0: policy and reference must agree exactly at step 0 (TRL disables dropout for DPO too)
-    lora_targets: str = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"  # all 7 linear layers, like the SFT adapter
+    logits_chunk: int = 1024  # >= 0: tokens whose fp32 logits exist at once when computing log-probs (chunked); 0 = all
+    max_vram_gib: float = 23.6  # >= 0: GPU memory budget: one worst-case step is run first and the run refused if it needs more; 0 = no check
+    lora_r: int = 128  # >= 1: rank of the DPO adapter stacked on the frozen SFT adapter
+    lora_alpha: int = 16  # >= 1: DPO adapter scale = alpha / r
+    lora_dropout: float = 0.0  # [0, 1): 0: policy and reference must agree exactly at step 0 (TRL disables dropout for DPO too)
+    lora_targets: str = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"  # comma list, each once: all 7 linear layers, like the SFT adapter
     # optimisation
     optimizer: str = "paged_adamw_8bit"  # paged_adamw_8bit on GPU; adamw for exact fp32 on CPU
-    lr: float = 2e-5  # DPO wants a much smaller step than SFT
-    min_lr_ratio: float = 0.1  # cosine decays to lr * this
-    warmup_steps: int = 50  # linear warmup, in optimizer steps
-    weight_decay: float = 0.0  # on the DPO adapter only
-    adam_beta1: float = 0.9  # Adam first-moment decay
-    adam_beta2: float = 0.999  # Adam second-moment decay
-    grad_clip: float = 1.0  # max global grad norm; 0 disables
-    micro_batch_size: int = 1  # pairs per forward (each pair = chosen + rejected rows)
-    grad_accum: int = 16  # pairs per optimizer step
-    num_epochs: int = 1  # passes over the sampled pairs
-    max_steps: int = -1  # -1 = num_epochs worth
-    log_steps: int = 10  # print and log every N optimizer steps
-    eval_steps: int = 200  # reward accuracy / margin on eval_pairs every N steps (and at the end)
-    save_steps: int = 200  # resumable checkpoint every N optimizer steps
-    keep_last: int = 2  # complete checkpoints kept; the newest survives until a newer one is complete
+    lr: float = 2e-5  # > 0: DPO wants a much smaller step than SFT
+    min_lr_ratio: float = 0.1  # [0, 1]: cosine decays to lr * this
+    warmup_steps: int = 50  # >= 0: linear warmup, in optimizer steps
+    weight_decay: float = 0.0  # >= 0: on the DPO adapter only
+    adam_beta1: float = 0.9  # [0, 1): Adam first-moment decay (1 divides by zero in the bias correction)
+    adam_beta2: float = 0.999  # [0, 1): Adam second-moment decay (1 divides by zero in the bias correction)
+    grad_clip: float = 1.0  # >= 0: max global grad norm; 0 = no clipping
+    micro_batch_size: int = 1  # >= 1: pairs per forward (each pair = chosen + rejected rows)
+    grad_accum: int = 16  # >= 1: pairs per optimizer step; a multiple of the processes (make NPROC)
+    num_epochs: int = 1  # >= 1: passes over the sampled pairs
+    max_steps: int = -1  # -1 or >= 1: optimizer steps to run; -1 = num_epochs worth
+    log_steps: int = 10  # >= 1: print and log every N optimizer steps
+    eval_steps: int = 200  # >= 1: reward accuracy / margin on eval_pairs every N steps (and at the end)
+    save_steps: int = 200  # >= 1: resumable checkpoint every N optimizer steps
+    keep_last: int = 2  # >= 1: complete checkpoints kept; the newest survives until a newer one is complete
 
 
 @dataclass(frozen=True)
@@ -203,21 +207,21 @@ class MergeConfig:
     sft_dir: str = "checkpoints/sft/final"  # adapters are added in this order: SFT, then DPO
     dpo_dir: str = "checkpoints/dpo/final"  # the DPO adapter, applied on top of the SFT one
     output_dir: str = "models/Llama-2-13b-airoboros-dpo"  # standalone model folder
-    max_shard_gb: float = 5.0  # output shard size; one shard is the peak extra CPU RAM of the merge
-    seed: int = 1337  # unused by the merge itself; kept so every stage records one
+    max_shard_gb: float = 5.0  # > 0: output shard size; one shard is the peak extra CPU RAM of the merge
+    seed: int = 1337  # [0, 4294967295]: unused by the merge itself; kept so every stage records one
 
 
 @dataclass(frozen=True)
 class ChatConfig:
     model_dir: str = "models/Llama-2-13b-airoboros-dpo"  # merged model folder (or the base, with --adapters)
     prompt: str = ""  # one-shot prompt; empty = interactive
-    max_new_tokens: int = 256  # reply length cap in tokens
-    temperature: float = 0.7  # 0 = greedy
-    top_p: float = 0.9  # nucleus sampling: smallest token set with this much probability
-    seed: int = 1337  # sampling seed
+    max_new_tokens: int = 256  # >= 1: reply length cap in tokens
+    temperature: float = 0.7  # 0 or >= 0.01: 0 = greedy (below 0.01 sampling is greedy in effect; a tiny value overflows logits / temperature)
+    top_p: float = 0.9  # (0, 1]: nucleus sampling: smallest token set with this much probability
+    seed: int = 1337  # [0, 4294967295]: sampling seed
     dtype: str = "auto"  # auto = bf16 on GPU, fp32 on CPU
     quantize_4bit: bool = False  # load in NF4 as in training: 13B in ~7.5 GB instead of 26 GB (bf16), for small cards
-    adapters: str = ""  # comma list of LoRA adapter folders applied in order on model_dir (then a base), e.g. checkpoints/sft/final,checkpoints/dpo/final
+    adapters: str = ""  # comma list of LoRA adapter folders, each once, applied in order on model_dir (then a base), e.g. checkpoints/sft/final,checkpoints/dpo/final
 
 
 @dataclass(frozen=True)
@@ -225,9 +229,9 @@ class EvalConfig:
     sft_dir: str = "checkpoints/sft/final"  # SFT adapter; its config.json gives base model, data, seed and hold-out split; metrics.jsonl is read from its parent
     dpo_dir: str = "checkpoints/dpo/final"  # DPO adapter (stacked on sft_dir); its config.json gives hh-rlhf subsets, seed, eval_pairs, lengths, beta
     output_dir: str = "checkpoints/eval"  # report.md, eval.json and the PNGs; replaced atomically on every run
-    max_eval_rows: int = 0  # cap on held-out SFT packed rows per model (0 = all ~0.5% of Airoboros)
-    max_eval_pairs: int = 0  # cap on held-out hh-rlhf pairs, a prefix of dpo.py's eval set (0 = all eval_pairs, as dpo.py)
-    max_new_tokens: int = 256  # greedy reply length cap per prompt and model (5 prompts x 3 models)
+    max_eval_rows: int = 0  # >= 0: cap on held-out SFT packed rows per model (0 = all ~0.5% of Airoboros)
+    max_eval_pairs: int = 0  # >= 0: cap on held-out hh-rlhf pairs, a prefix of dpo.py's eval set (0 = all eval_pairs, as dpo.py)
+    max_new_tokens: int = 256  # >= 1: greedy reply length cap per prompt and model (5 prompts x 3 models)
 
 
 # The demo preset: the same scripts on a 2-layer Llama and generated sample data
@@ -266,50 +270,99 @@ _CHOICES = {
     "optimizer": ("paged_adamw_8bit", "adamw_8bit", "adamw"),
     "split": ("train", "test"),
 }
-_LORA_NAMES = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+_LORA_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+_LISTS = {"lora_targets": _LORA_NAMES, "subsets": HH_SUBSETS, "adapters": None}  # comma lists (None: any folder)
+_INPUT_DIRS = ("model_dir", "data_dir", "sft_dir", "dpo_dir")
+
+# The range of a numeric field is the start of its comment, so --help states exactly what is
+# enforced: ">= 1", "> 0", "[0, 1)" (interval), or "-1 or >= 1" (a sentinel, then the range).
+_NUM = r"-?\d+(?:\.\d+)?"
+_RANGE = re.compile(rf"(?:(?P<alt>{_NUM}) or )?(?:(?P<op>>=?) (?P<lo>{_NUM})"
+                    rf"|(?P<open>[\[(])(?P<a>{_NUM}), (?P<b>{_NUM})(?P<close>[\])]))")
 
 
-def validate(cfg):
-    """Raise ConfigError naming the first bad field. Types are already right here."""
+@functools.cache
+def _field_comments(cls):
+    """Trailing '# ...' comments of each field, read from this file: the --help text and the ranges."""
+    out, src = {}, Path(__file__).read_text().splitlines()
+    inside = False
+    for line in src:
+        if line.startswith("class "):
+            inside = line.startswith(f"class {cls.__name__}(") or line.startswith(f"class {cls.__name__}:")
+        elif inside and ":" in line and line.startswith("    ") and not line.strip().startswith("#"):
+            name = line.strip().split(":")[0]
+            if "  # " in line:
+                out[name] = line.split("  # ", 1)[1]
+    return out
+
+
+def field_range(cls, name):
+    """The range match of a numeric field's comment (None if it states none)."""
+    return _RANGE.match(_field_comments(cls).get(name, ""))
+
+
+def _in_range(v, m):
+    if m["alt"] is not None and v == float(m["alt"]):
+        return True
+    if m["op"]:
+        return v >= float(m["lo"]) if m["op"] == ">=" else v > float(m["lo"])
+    a, b = float(m["a"]), float(m["b"])
+    return (a <= v if m["open"] == "[" else a < v) and (v <= b if m["close"] == "]" else v < b)
+
+
+def validate(cfg, world=1):
+    """Raise ConfigError naming the first bad field. Types are already right here. `world`: the
+    number of data-parallel processes (WORLD_SIZE), which must divide grad_accum."""
     def bad(name, why):
         raise ConfigError(f"{type(cfg).__name__}.{name} = {getattr(cfg, name)!r}: {why}")
     for f in fields(cfg):
         v = getattr(cfg, f.name)
         if f.name in _CHOICES and v not in _CHOICES[f.name]:
             bad(f.name, f"must be one of {', '.join(_CHOICES[f.name])}")
-        if f.type in ("int", int) and f.name not in ("max_steps",) and v < 0:
-            bad(f.name, "must be >= 0")
-    positive = ("max_seq_len", "max_len", "max_prompt_len", "micro_batch_size", "grad_accum", "lora_r",
-                "lora_alpha", "num_epochs", "log_steps", "eval_steps", "save_steps", "keep_last", "lr",
-                "max_new_tokens")
-    for name in positive:
-        if hasattr(cfg, name) and not getattr(cfg, name) > 0:
-            bad(name, "must be > 0")
-    for name in ("eval_fraction", "max_bad_fraction", "lora_dropout", "min_lr_ratio", "top_p"):
-        if hasattr(cfg, name) and not 0.0 <= getattr(cfg, name) <= 1.0:
-            bad(name, "must be within [0, 1]")
-    if getattr(cfg, "max_steps", 0) < -1 or getattr(cfg, "max_steps", 1) == 0:
-        bad("max_steps", "must be -1 (derive from num_epochs) or > 0")
-    if hasattr(cfg, "lora_targets"):
-        names = [t for t in cfg.lora_targets.split(",") if t]
-        unknown = set(names) - _LORA_NAMES
-        if not names or unknown:
-            bad("lora_targets", f"comma list of {', '.join(sorted(_LORA_NAMES))} (unknown: {sorted(unknown)})")
-    if hasattr(cfg, "subsets"):
-        names = [s for s in cfg.subsets.split(",") if s]
-        unknown = set(names) - set(HH_SUBSETS)
-        if not names or unknown:
-            bad("subsets", f"comma list of {', '.join(HH_SUBSETS)} (unknown: {sorted(unknown)})")
+        # inf and nan pass (or slip past) the comparisons below and reach torch as a NaN adapter
+        if f.type in ("float", float) and not math.isfinite(v):
+            bad(f.name, "must be a finite number")
+        m = field_range(type(cfg), f.name) if f.type in ("int", "float", int, float) else None
+        if m and not _in_range(v, m):
+            bad(f.name, f"must be {m[0]} ({_field_comments(type(cfg))[f.name].split(': ', 1)[-1]})")
+        # "" would resolve to the repo root itself: an output there overwrites the repo's files
+        if f.name.endswith("_dir") and f.name != "cache_dir" and not v.strip():
+            bad(f.name, "must name a folder (empty = the repo root)")
+        if f.name in _LISTS and v:
+            items = v.split(",")
+            for i, item in enumerate(items):
+                if not item.strip():
+                    bad(f.name, f"item {i + 1} of the comma list is empty (a stray comma?)")
+                if _LISTS[f.name] is not None and item not in _LISTS[f.name]:
+                    bad(f.name, f"unknown item {item!r}: choose from {','.join(_LISTS[f.name])}")
+                if item in items[:i]:
+                    bad(f.name, f"{item!r} is listed twice (it would be used twice)")
+        if f.name in _LISTS and not v and _LISTS[f.name] is not None:
+            bad(f.name, f"must list at least one of {','.join(_LISTS[f.name])}")
     if hasattr(cfg, "max_prompt_len") and cfg.max_prompt_len >= cfg.max_len:
         bad("max_prompt_len", f"must be < max_len ({cfg.max_len}) to leave room for the replies")
-    if hasattr(cfg, "temperature") and cfg.temperature < 0:
-        bad("temperature", "must be >= 0")
-    if hasattr(cfg, "max_shard_gb") and not cfg.max_shard_gb > 0:
-        bad("max_shard_gb", "must be > 0")
+    if hasattr(cfg, "grad_accum") and cfg.grad_accum % world:
+        bad("grad_accum", f"must be a multiple of the {world} processes (make NPROC={world}): each takes "
+                          f"grad_accum / {world} micro-batches of every step")
+    if hasattr(cfg, "output_dir"):
+        # a stage writes config.json into output_dir and replaces final/ (merge and eval: the whole
+        # folder) by rename: an input folder inside it would be overwritten or deleted
+        out = resolve(cfg.output_dir).resolve()
+        for name in _INPUT_DIRS:
+            src = resolve(getattr(cfg, name)).resolve() if hasattr(cfg, name) else None
+            if src is not None and (src == out or out in src.parents):
+                bad("output_dir", f"contains {name} ({getattr(cfg, name)}), which this stage would overwrite; "
+                                  f"choose another --output_dir")
 
 
 # -----------------------------------------------------------------------------
 # Command line: --field value overrides, typed by the dataclass annotations.
+
+# Script options of sft.py / dpo.py that are not config fields (parse_args flags).
+STAGE_FLAGS = [("--prepare_only", "prepare the data, write data_report.json (and examples.json), stop; "
+                "alias --prepare-only"),
+               ("--show_examples N", "write the first N prepared examples (or 'all') with their trained "
+                "tokens to <output_dir>/examples.json and print a few")]
 
 
 def _parse_bool(name, text):
@@ -330,20 +383,6 @@ def _parse_value(cls, name, text):
         return typ(text)
     except ValueError:
         raise ConfigError(f"--{name}: expected {typ.__name__}, got {text!r}") from None
-
-
-def _field_comments(cls):
-    """Trailing '# ...' comments of each field, read from this file, for --help."""
-    out, src = {}, Path(__file__).read_text().splitlines()
-    inside = False
-    for line in src:
-        if line.startswith("class "):
-            inside = line.startswith(f"class {cls.__name__}(") or line.startswith(f"class {cls.__name__}:")
-        elif inside and ":" in line and line.startswith("    ") and not line.strip().startswith("#"):
-            name = line.strip().split(":")[0]
-            if "  # " in line:
-                out[name] = line.split("  # ", 1)[1]
-    return out
 
 
 def usage(cls, flags=()):
@@ -416,7 +455,12 @@ def _parse_args(cls, argv, flags):
     values = dict(PRESETS[preset].get(cls, {}))
     values.update(overrides)
     cfg = cls(**values)
-    validate(cfg)
+    # the data-parallel launcher (make train NPROC=N) sets WORLD_SIZE; the Makefile sets it for
+    # its own check too, so an indivisible grad_accum stops before any process is launched
+    world = os.environ.get("WORLD_SIZE", "1")
+    if not world.isdigit() or int(world) < 1:
+        raise ConfigError(f"WORLD_SIZE={world!r} in the environment: expected a whole number >= 1")
+    validate(cfg, int(world))
     return (cfg, switches) if flags else cfg
 
 
@@ -439,7 +483,10 @@ def print_config(cfg):
 
 if __name__ == "__main__":
     # `python config.py sft|dpo|merge|chat [--preset demo] [--field value]` prints the resolved config as JSON
+    # (the Makefile runs it with WORLD_SIZE=NPROC to check every stage's flags before any stage starts)
     kinds = {"sft": SFTConfig, "dpo": DPOConfig, "merge": MergeConfig, "chat": ChatConfig, "eval": EvalConfig}
     if len(sys.argv) < 2 or sys.argv[1] not in kinds:
         sys.exit(f"usage: python config.py {{{'|'.join(kinds)}}} [--preset demo] [--field value ...]")
-    print(json.dumps(to_dict(parse_args(kinds[sys.argv[1]], sys.argv[2:])), indent=2))
+    flags = STAGE_FLAGS if sys.argv[1] in ("sft", "dpo") else ()
+    cfg = parse_args(kinds[sys.argv[1]], sys.argv[2:], flags)
+    print(json.dumps(to_dict(cfg[0] if flags else cfg), indent=2))

@@ -29,15 +29,12 @@ import time
 import torch
 
 from common import IGNORE, DataReport, Tokenizer
-from config import DPOConfig, parse_args, print_config, resolve, to_dict
+from config import STAGE_FLAGS, DPOConfig, parse_args, print_config, resolve, to_dict
 
-cfg, opts = parse_args(DPOConfig, sys.argv[1:], flags=common.STAGE_FLAGS)
+cfg, opts = parse_args(DPOConfig, sys.argv[1:], flags=STAGE_FLAGS)
 prepare_only = opts["prepare_only"]
 show = common.show_count(opts["show_examples"])  # None, N or "all": checked now, used after the data
 dist = common.Distributed()  # NPROC > 1 (make train NPROC=N): one process per GPU, rank 0 writes
-if cfg.grad_accum % dist.world:
-    sys.exit(f"--grad_accum {cfg.grad_accum} must be a multiple of the {dist.world} processes "
-             f"(each takes grad_accum / {dist.world} micro-batches of every step)")
 print_config(cfg)
 out_dir, final_dir = resolve(cfg.output_dir), resolve(cfg.output_dir) / "final"
 resume_cmd = " ".join(["python"] + sys.argv) if dist.world == 1 else f"make train NPROC={dist.world} (same flags)"
@@ -45,6 +42,7 @@ if common.is_complete(final_dir) and not prepare_only:
     print(f"dpo: already complete ({cfg.output_dir}/final): nothing to do. "
           f"Use a new --output_dir (or delete that folder) to train again.")
     sys.exit(0)
+common.require_output_dirs(cfg, "output_dir", "cache_dir")
 subsets = cfg.subsets.split(",")
 data_files = {split: [resolve(cfg.data_dir) / s / f"{split}.jsonl.gz" for s in subsets] for split in ("train", "test")}
 fix = "python demo_assets.py" if "demo" in cfg.model_dir else "make download-datasets-and-models"

@@ -71,6 +71,7 @@ cfg = parse_args(EvalConfig, sys.argv[1:])
 print_config(cfg)
 t_start = time.time()
 sft_dir, dpo_dir, out_dir = resolve(cfg.sft_dir), resolve(cfg.dpo_dir), resolve(cfg.output_dir)
+common.require_output_dirs(cfg, "output_dir", whole=True)
 for stage, folder in (("sft", sft_dir), ("dpo", dpo_dir)):
     if not folder.is_dir():
         sys.exit(f"cannot evaluate: no {stage} adapter at {folder}; run `make {stage}` first")

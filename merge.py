@@ -31,6 +31,7 @@ base_dir, out_dir = resolve(cfg.model_dir), resolve(cfg.output_dir)
 if common.is_complete(out_dir):
     print(f"merge: already complete ({cfg.output_dir}): nothing to do")
     sys.exit(0)
+common.require_output_dirs(cfg, "output_dir", whole=True)
 common.require_files(common.model_files(cfg.model_dir), "make download-datasets-and-models")
 for stage, folder in (("sft", cfg.sft_dir), ("dpo", cfg.dpo_dir)):
     problems = common.verify_checkpoint(resolve(folder))  # hashes: never merge a corrupt adapter
