@@ -3,7 +3,7 @@ The pieces sft.py, dpo.py and merge.py share, so each stage script can read as i
 
   offline switches and input checks | tokenizer and the prompt format | data readers
   with a drop report | best-fit packing | 4-bit model + LoRA | optimizer and LR schedule |
-  crash-safe safetensors checkpoints (adapter, optimizer, RNG, data position) |
+  crash-safe safetensors checkpoints (adapter, optimizer, RNG, data position) | training health |
   faults (Ctrl+C, SIGTERM, full disk) | logging
 
 Importing this module switches the Hugging Face libraries to offline mode: the training
@@ -739,6 +739,37 @@ def lr_at(step, cfg, total_steps):
 
 
 # -----------------------------------------------------------------------------
+# Training health: a step whose loss or gradient norm is NaN/inf stops the run before
+# optimizer.step, so neither the weights nor any checkpoint ever hold it (a NaN adapter
+# found 20 hours later is the worst way a run can end).
+
+
+def check_health(step, loss, grad_norm, cfg):
+    """Once per optimizer step, between clip_grad_norm_ and optimizer.step. loss is the step's
+    loss (already a Python float), grad_norm the tensor clip_grad_norm_ returned; returns it
+    as a float: the one host sync, which the log line needed anyway. Both are checked: a NaN
+    in the forward makes every gradient NaN, but an infinite loss can have finite gradients
+    (cross-entropy at a -inf logit: softmax - onehot; DPO's logsigmoid at -inf: sigmoid)."""
+    norm = float(grad_norm)
+    if math.isfinite(loss) and math.isfinite(norm):
+        return norm
+    knobs = [f"a lower --lr (now {cfg.lr:g})",
+             f"a lower --grad_clip (now {cfg.grad_clip:g})" if cfg.grad_clip > 0 else "--grad_clip > 0 (now off)"]
+    if hasattr(cfg, "beta"):
+        knobs.append(f"a smaller --beta (now {cfg.beta:g})")
+    sys.exit(f"step {step}: loss {loss:.4g}, gradient norm {norm:.4g}: not finite, training diverged; stopped "
+             f"before this step changed the weights, nothing of it was saved.\n" + _diverged_advice(knobs))
+
+
+def _diverged_advice(knobs):
+    text = f"likely fixes: {', '.join(knobs)}; check the data for extreme rows (data_report.json)\n"
+    if _run["checkpoint"]:
+        return text + (f"last good checkpoint: {_run['checkpoint']}; re-run with a fix and it resumes from there "
+                       f"(if the loss was already climbing, delete the newest step_ folders to resume earlier)")
+    return text + "no checkpoint was written yet; re-run with a fix"
+
+
+# -----------------------------------------------------------------------------
 # Checkpoints: only .safetensors and .json, written to step_XXXXXX.tmp/, fsynced, hashed,
 # marked COMPLETE.json last, then renamed into place. A kill at any instant leaves either
 # the old set or the old set plus a *.tmp that resume ignores.
@@ -865,7 +896,14 @@ class AtomicFolder:
 
 
 def write_checkpoint(folder, tensor_files, json_files):
-    """Atomically create `folder` from {"x.safetensors": {key: tensor}} and {"y.json": obj}."""
+    """Atomically create `folder` from {"x.safetensors": {key: tensor}} and {"y.json": obj}.
+    A NaN/inf tensor is refused before anything is written (check_health stops a diverging
+    run earlier; this guards every other way a non-finite value could reach a checkpoint)."""
+    for name, tensors in tensor_files.items():
+        bad = next((k for k, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()), None)
+        if bad is not None:
+            sys.exit(f"refusing to write {folder}: {name} tensor {bad} has NaN/inf values (training diverged)\n"
+                     + _diverged_advice(["a lower --lr", "--grad_clip > 0", "a smaller --beta (DPO)"]))
     with AtomicFolder(folder) as tmp:
         for name, tensors in tensor_files.items():
             save_file(tensors, str(tmp / name))
