@@ -100,7 +100,7 @@ def _disk_full(e):
 def write_error(path, e):
     """The one line a failed write ends the run with."""
     reason = getattr(e, "strerror", None) or str(e)
-    what = "disk full: free space and re-run the same command" if _disk_full(e) else "fix that and re-run the same command"
+    what = ("disk full: free space" if _disk_full(e) else "fix that") + " and re-run the same command"
     if _run["checkpoint"]:
         what += f" (it resumes from {_run['checkpoint']}, which is intact)"
     return f"could not write {path}: {reason}; {what}"
