@@ -125,7 +125,7 @@ def _on_uncaught(kind, exc, tb):
         sys.__excepthook__(kind, exc, tb)
 
 
-if Path(sys.argv[0]).resolve().parent == Path(__file__).resolve().parent:
+if sys.argv[0].endswith(".py") and Path(sys.argv[0]).resolve().parent == Path(__file__).resolve().parent:
     signal.signal(signal.SIGINT, _on_interrupt)
     signal.signal(signal.SIGTERM, _on_interrupt)
     sys.excepthook = _on_uncaught
