@@ -52,6 +52,7 @@ else:
     model = AutoModelForCausalLM.from_pretrained(resolve(cfg.model_dir), dtype=common.pick_dtype(cfg.dtype, device),
                                                  device_map={"": str(device)})
 model.eval()
+common.phase("chat")  # a Ctrl+C from here on ends the chat with one line, no traceback
 STOP_TEXT = TURN_SEP + HUMAN.rstrip("\n")  # "\n\n### Human:": the model trying to speak for the user
 
 

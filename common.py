@@ -3,10 +3,12 @@ The pieces sft.py, dpo.py and merge.py share, so each stage script can read as i
 
   offline switches and input checks | tokenizer and the prompt format | data readers
   with a drop report | best-fit packing | 4-bit model + LoRA | optimizer and LR schedule |
-  crash-safe safetensors checkpoints (adapter, optimizer, RNG, data position) | signals | logging
+  crash-safe safetensors checkpoints (adapter, optimizer, RNG, data position) | training health |
+  faults (Ctrl+C, SIGTERM, full disk) | logging
 
 Importing this module switches the Hugging Face libraries to offline mode: the training
-stages must never touch the network (download.py is the only online step).
+stages must never touch the network (download.py is the only online step). When a script of
+this folder runs, it also turns Ctrl+C, SIGTERM and a full disk into one clear line.
 """
 
 import os
@@ -18,6 +20,8 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import bisect
+import contextlib
+import errno
 import functools
 import gzip
 import hashlib
@@ -32,6 +36,101 @@ import tempfile
 import time
 import zlib
 from pathlib import Path
+
+# -----------------------------------------------------------------------------
+# Faults at any moment. Ctrl+C / SIGTERM before the training loop (importing torch, data
+# preparation, model load) ends with one line saying what was interrupted and what is safe,
+# exit 128 + signal, never a KeyboardInterrupt traceback; the loop swaps in StopRequest
+# (finish the step, save, exit). A full disk ends with one line naming the path. Installed
+# here, before the heavy imports, so the seconds spent importing torch are covered too, and
+# only when a script of this folder is the program: a test that imports common keeps pytest's.
+
+_run = {"phase": "start-up", "stage": False, "checkpoint": None, "interrupted": False}
+_saves = 0  # saves begun by this process, for fault injection
+
+
+def _fault(point, at=None):
+    """Test-only fault injection: QLORA_FAULT=<point>:<at>[,...] where <at> is a save number
+    (default), a file name or a phase. Points: mid_write / before_marker / before_rename
+    (SIGKILL inside the n-th save), enospc (a write fails as on a full disk), sigint /
+    sigterm (the signal arrives as the phase begins). This is how the tests prove a kill -9,
+    a full disk or a Ctrl+C at a chosen moment never costs the last good checkpoint."""
+    if f"{point}:{_saves if at is None else at}" not in os.environ.get("QLORA_FAULT", "").split(","):
+        return
+    if point == "enospc":
+        # exactly what safetensors raises on a full disk (checked on a full tmpfs): not an OSError
+        from safetensors import SafetensorError
+        raise SafetensorError('Error while serializing: I/O error: No space left on device (os error 28) (injected)')
+    if point in ("sigint", "sigterm"):
+        os.kill(os.getpid(), signal.SIGINT if point == "sigint" else signal.SIGTERM)
+        return
+    print(f"[fault injection] SIGKILL at {point} of save {_saves}", flush=True)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def phase(name):
+    """What the program is doing now, for the line an interrupt prints."""
+    _run["phase"] = name
+    _fault("sigint", name)
+    _fault("sigterm", name)
+
+
+def _next_step():
+    if _run["checkpoint"]:
+        return f"last good checkpoint: {_run['checkpoint']}; re-run the same command to resume"
+    if _run["stage"]:
+        return "no checkpoint yet; re-run the same command to start"
+    return "nothing was written; re-run the same command"
+
+
+def _on_interrupt(signum, frame):
+    if _run["interrupted"]:
+        os._exit(128 + signum)  # a second Ctrl+C while the first one unwinds
+    _run["interrupted"] = True
+    print(f"\ninterrupted ({signal.Signals(signum).name}) during {_run['phase']}: {_next_step()}", flush=True)
+    # unwinds like KeyboardInterrupt (a half-written .tmp is removed on the way), but without a traceback
+    raise SystemExit(128 + signum)
+
+
+def _disk_full(e):
+    # OSError carries errno; safetensors' SafetensorError only its text
+    return getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or any(
+        f"(os error {n})" in str(e) for n in (errno.ENOSPC, errno.EDQUOT))
+
+
+def write_error(path, e):
+    """The one line a failed write ends the run with."""
+    reason = getattr(e, "strerror", None) or str(e)
+    what = ("disk full: free space" if _disk_full(e) else "fix that") + " and re-run the same command"
+    if _run["checkpoint"]:
+        what += f" (it resumes from {_run['checkpoint']}, which is intact)"
+    return f"could not write {path}: {reason}; {what}"
+
+
+@contextlib.contextmanager
+def writing(path):
+    """`with writing(path):` a failed write of path (a full disk above all) exits with write_error's line."""
+    from safetensors import SafetensorError
+    try:
+        _fault("enospc", Path(path).name)
+        yield
+    except (OSError, SafetensorError) as e:
+        sys.exit(write_error(path, e))
+
+
+def _on_uncaught(kind, exc, tb):
+    # last resort for a full disk at a write no `writing` wraps (mkdir, a library's cache)
+    if _disk_full(exc):
+        print(write_error(getattr(exc, "filename", None) or "a file", exc), file=sys.stderr)
+    else:
+        sys.__excepthook__(kind, exc, tb)
+
+
+if sys.argv[0].endswith(".py") and Path(sys.argv[0]).resolve().parent == Path(__file__).resolve().parent:
+    signal.signal(signal.SIGINT, _on_interrupt)
+    signal.signal(signal.SIGTERM, _on_interrupt)
+    sys.excepthook = _on_uncaught
+phase("start-up")
 
 import numpy as np
 import torch
@@ -489,23 +588,26 @@ def save_cached(cache_dir, key, tensors, report):
     if not cache_dir:
         return
     folder = resolve(cache_dir)
-    folder.mkdir(parents=True, exist_ok=True)
     tmp = folder / f"{key}.safetensors.{os.getpid()}.tmp"  # per process: N launched ranks may race here
     # int32 halves the file (ids < 32000, positions < 4096); tmp + fsync + rename: never half an entry
     try:
+        folder.mkdir(parents=True, exist_ok=True)
+        _fault("enospc", "cache")
         save_file({k: v.to(torch.int32).contiguous() for k, v in tensors.items()}, str(tmp),
                   metadata={"report": json.dumps(report)})
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, folder / f"{key}.safetensors")
     except Exception as e:  # noqa: BLE001  (the cache is an optimisation: a full disk must not stop the run)
-        tmp.unlink(missing_ok=True)
         print(f"warning: could not write the data cache in {folder} ({type(e).__name__}: {e}); continuing without it")
+    finally:
+        tmp.unlink(missing_ok=True)  # after a failure or a Ctrl+C: never a stray partial file
 
 
 def load_or_prepare(cache_dir, key, prepare):
     """(data, report, seconds, hit): the cached preparation under `key`, or prepare() run and
     cached. The report gets the key and the digest of the data (what a resume checks)."""
+    phase("data preparation")
     t0 = time.time()
     cached = load_cached(cache_dir, key)
     if cached is None:
@@ -649,6 +751,7 @@ def stream_indices(n, seed, start, count):
 
 
 def load_base_model(model_dir, cfg, device):
+    phase("model load")
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
     dtype = pick_dtype(cfg.dtype, device)
     quant = None
@@ -797,6 +900,37 @@ def lr_at(step, cfg, total_steps):
 
 
 # -----------------------------------------------------------------------------
+# Training health: a step whose loss or gradient norm is NaN/inf stops the run before
+# optimizer.step, so neither the weights nor any checkpoint ever hold it (a NaN adapter
+# found 20 hours later is the worst way a run can end).
+
+
+def check_health(step, loss, grad_norm, cfg):
+    """Once per optimizer step, between clip_grad_norm_ and optimizer.step. loss is the step's
+    loss (already a Python float), grad_norm the tensor clip_grad_norm_ returned; returns it
+    as a float: the one host sync, which the log line needed anyway. Both are checked: a NaN
+    in the forward makes every gradient NaN, but an infinite loss can have finite gradients
+    (cross-entropy at a -inf logit: softmax - onehot; DPO's logsigmoid at -inf: sigmoid)."""
+    norm = float(grad_norm)
+    if math.isfinite(loss) and math.isfinite(norm):
+        return norm
+    knobs = [f"a lower --lr (now {cfg.lr:g})",
+             f"a lower --grad_clip (now {cfg.grad_clip:g})" if cfg.grad_clip > 0 else "--grad_clip > 0 (now off)"]
+    if hasattr(cfg, "beta"):
+        knobs.append(f"a smaller --beta (now {cfg.beta:g})")
+    sys.exit(f"step {step}: loss {loss:.4g}, gradient norm {norm:.4g}: not finite, training diverged; stopped "
+             f"before this step changed the weights, nothing of it was saved.\n" + _diverged_advice(knobs))
+
+
+def _diverged_advice(knobs):
+    text = f"likely fixes: {', '.join(knobs)}; check the data for extreme rows (data_report.json)\n"
+    if _run["checkpoint"]:
+        return text + (f"last good checkpoint: {_run['checkpoint']}; re-run with a fix and it resumes from there "
+                       f"(if the loss was already climbing, delete the newest step_ folders to resume earlier)")
+    return text + "no checkpoint was written yet; re-run with a fix"
+
+
+# -----------------------------------------------------------------------------
 # Checkpoints: only .safetensors and .json, written to step_XXXXXX.tmp/, fsynced, hashed,
 # marked COMPLETE.json last, then renamed into place. A kill at any instant leaves either
 # the old set or the old set plus a *.tmp that resume ignores.
@@ -869,28 +1003,11 @@ def set_rng_state(tensors, meta):
     np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
 
 
-_saves = 0  # saves begun by this process, for fault injection below
-
-
-def _fault(point):
-    """Test-only fault injection: QLORA_FAULT=<point>:<n> kills the process with SIGKILL (or,
-    for 'enospc', fails the write as a full disk would) at <point> of its n-th save. This is
-    how the tests prove a kill -9 or a full disk mid-save never costs the last good checkpoint."""
-    spec = os.environ.get("QLORA_FAULT", "")
-    if spec and spec.rsplit(":", 1) == [point, str(_saves)]:
-        if point == "enospc":
-            # exactly what safetensors raises on a full disk (checked on a full tmpfs): not an OSError
-            from safetensors import SafetensorError
-            raise SafetensorError('Error while serializing: I/O error: No space left on device (os error 28) (injected)')
-        print(f"[fault injection] SIGKILL at {point} of save {_saves}", flush=True)
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
 class AtomicFolder:
     """`with AtomicFolder(final) as tmp:` write files into tmp; on success every file is
     fsynced and hashed into COMPLETE.json (written last), then tmp is renamed to `final`.
     Crash anywhere -> `final` is either absent, the previous complete version, or the new
-    complete version. A full disk raises a clear error; older folders are untouched."""
+    complete version. A full disk ends the run with one line; older folders are untouched."""
 
     def __init__(self, folder):
         self.folder = Path(folder)
@@ -899,6 +1016,7 @@ class AtomicFolder:
     def __enter__(self):
         global _saves
         _saves += 1
+        phase(f"writing {self.folder}")
         if self.tmp.exists():
             shutil.rmtree(self.tmp)  # leftover of a save that was killed: never trusted
         self.tmp.mkdir(parents=True)
@@ -914,8 +1032,7 @@ class AtomicFolder:
             shutil.rmtree(self.tmp, ignore_errors=True)
             # safetensors reports a full disk as SafetensorError, which is not an OSError
             if issubclass(exc_type, OSError) or exc_type.__name__ == "SafetensorError":
-                sys.exit(f"could not write {self.folder}: {exc}\n(disk full? free space and re-run the same "
-                         f"command: it resumes from the last complete checkpoint)")
+                sys.exit(write_error(self.folder, exc))
         return False
 
     def _commit(self):
@@ -940,7 +1057,14 @@ class AtomicFolder:
 
 
 def write_checkpoint(folder, tensor_files, json_files):
-    """Atomically create `folder` from {"x.safetensors": {key: tensor}} and {"y.json": obj}."""
+    """Atomically create `folder` from {"x.safetensors": {key: tensor}} and {"y.json": obj}.
+    A NaN/inf tensor is refused before anything is written (check_health stops a diverging
+    run earlier; this guards every other way a non-finite value could reach a checkpoint)."""
+    for name, tensors in tensor_files.items():
+        bad = next((k for k, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()), None)
+        if bad is not None:
+            sys.exit(f"refusing to write {folder}: {name} tensor {bad} has NaN/inf values (training diverged)\n"
+                     + _diverged_advice(["a lower --lr", "--grad_clip > 0", "a smaller --beta (DPO)"]))
     with AtomicFolder(folder) as tmp:
         for name, tensors in tensor_files.items():
             save_file(tensors, str(tmp / name))
@@ -960,10 +1084,12 @@ def save_training_state(folder, model, adapter, optimizer, state):
     tensors |= {"optimizer.safetensors": opt_tensors, "rng.safetensors": rng_tensors}
     jsons |= {"optimizer.json": opt_meta, "trainer_state.json": dict(state, rng=rng_meta)}
     write_checkpoint(folder, tensors, jsons)
+    _run["checkpoint"] = Path(folder)  # what an interrupt or a later failure names as the last good one
 
 
 def load_training_state(folder, model, adapter, optimizer):
     """Inverse of save_training_state; returns the JSON state. Nothing goes through pickle."""
+    phase("checkpoint load")
     folder = Path(folder)
     load_adapter_weights(model, adapter, folder)
     meta = json.loads((folder / "optimizer.json").read_text())
@@ -1030,6 +1156,7 @@ def find_resume(output_dir, cfg):
     ckpt = latest_checkpoint(output_dir)
     if ckpt is not None:
         check_resume_config(json.loads((ckpt / "trainer_state.json").read_text())["config"], cfg)
+    _run.update(stage=True, checkpoint=ckpt)
     return ckpt
 
 
@@ -1079,10 +1206,11 @@ class StopRequest:
         self.signum = None
         signal.signal(signal.SIGINT, self._handle)
         signal.signal(signal.SIGTERM, self._handle)
+        phase("training")
 
     def _handle(self, signum, frame):
         if self.signum is not None:
-            print("\nsecond interrupt: exiting now; the last complete checkpoint is intact", flush=True)
+            print(f"\nsecond interrupt: exiting now; {_next_step()}", flush=True)
             os._exit(128 + signum)
         self.signum = signum
         print(f"\n{signal.Signals(signum).name}: finishing this optimizer step, then saving a checkpoint "
@@ -1108,13 +1236,14 @@ class MetricLog:
         # rewrite from the checkpoint's history: lines logged after it (by the run that was
         # interrupted) describe steps that are about to be redone
         if write:
-            self.path.write_text("".join(json.dumps(h) + "\n" for h in self.history))
+            with writing(self.path):
+                self.path.write_text("".join(json.dumps(h) + "\n" for h in self.history))
         self.t0 = time.time()
 
     def log(self, record):
         self.history.append(record)
         if self.write:
-            with open(self.path, "a") as f:
+            with writing(self.path), open(self.path, "a") as f:
                 f.write(json.dumps(record) + "\n")
 
 
@@ -1132,6 +1261,7 @@ def preflight(step, params, cfg, device, what):
     32-bit: 8)."""
     if device.type != "cuda" or cfg.max_vram_gib <= 0:
         return None
+    phase("preflight")
     knobs = ("Knobs, cheapest first: --micro_batch_size (more --grad_accum keeps the step size), "
              "--logits_chunk 512, --optimizer paged_adamw_8bit, --max_seq_len / --max_len, --lora_r.")
     tensors, meta = rng_state()
@@ -1173,5 +1303,9 @@ def memory_gib(device):
 
 def save_json(path, obj):
     tmp = Path(f"{path}.{os.getpid()}.tmp")  # per process: launched ranks may write the same file
-    tmp.write_text(json.dumps(obj, indent=2))
-    tmp.replace(path)
+    with writing(path):
+        try:
+            tmp.write_text(json.dumps(obj, indent=2))
+            tmp.replace(path)
+        finally:
+            tmp.unlink(missing_ok=True)  # a full disk leaves no half-written file behind

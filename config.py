@@ -320,8 +320,9 @@ def validate(cfg, world=1):
         if f.name in _CHOICES and v not in _CHOICES[f.name]:
             bad(f.name, f"must be one of {', '.join(_CHOICES[f.name])}")
         # inf and nan pass (or slip past) the comparisons below and reach torch as a NaN adapter
-        if f.type in ("float", float) and not math.isfinite(v):
-            bad(f.name, "must be a finite number")
+        # float32 range too: every knob ends up in float32 math (3.4e38 overflows there: lr 1e300 broke AdamW)
+        if f.type in ("float", float) and not (math.isfinite(v) and abs(v) <= 3.4e38):
+            bad(f.name, "must be a finite number (within float32 range, |x| <= 3.4e38)")
         m = field_range(type(cfg), f.name) if f.type in ("int", "float", int, float) else None
         if m and not _in_range(v, m):
             bad(f.name, f"must be {m[0]} ({_field_comments(type(cfg))[f.name].split(': ', 1)[-1]})")

@@ -311,11 +311,12 @@ while step < total_steps:
     dist.sum_grads(params)  # NPROC > 1: the whole step's gradient on every replica
     m = {k: dist.sum(v) for k, v in m.items()}
     grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+    grad_norm = common.check_health(step + 1, m["loss"], grad_norm, cfg)  # NaN/inf: stop before the weights see it
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     step += 1
 
-    record = {"step": step, **m, "lr": lr, "grad_norm": float(grad_norm)}
+    record = {"step": step, **m, "lr": lr, "grad_norm": grad_norm}
     if step % cfg.eval_steps == 0 or step == total_steps:
         record |= evaluate()
     if step % cfg.log_steps == 0 or step == total_steps or "eval_loss" in record:

@@ -146,6 +146,7 @@ model = common.load_base_model(sft_cfg.model_dir, load_cfg, device)
 model = PeftModel.from_pretrained(model, sft_dir, adapter_name="sft", is_trainable=False)
 model.load_adapter(dpo_dir, adapter_name="dpo", is_trainable=False)
 model.eval()  # dropout off (the SFT adapter has 0.05): the reference must be deterministic, as in dpo.py
+common.phase("evaluation")  # what a Ctrl+C from here on says it interrupted
 dtype = common.pick_dtype(load_cfg.dtype, device)
 print(f"model: {sft_cfg.model_dir} ({'NF4' if load_cfg.quantize_4bit else 'unquantized'}, {dtype}) on {device}, "
       f"adapters {cfg.sft_dir} + {cfg.dpo_dir}")

@@ -256,11 +256,12 @@ while step < total_steps:
     dist.sum_grads(params)  # NPROC > 1: the whole step's gradient on every replica
     step_loss = dist.sum(step_loss)
     grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+    grad_norm = common.check_health(step + 1, step_loss, grad_norm, cfg)  # NaN/inf: stop before the weights see it
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     step += 1
 
-    record = {"step": step, "loss": step_loss, "lr": lr, "grad_norm": float(grad_norm)}
+    record = {"step": step, "loss": step_loss, "lr": lr, "grad_norm": grad_norm}
     if len(eval_ids) and (step % cfg.eval_steps == 0 or step == total_steps):  # none held out: no eval line
         record["eval_loss"] = evaluate()
     if step % cfg.log_steps == 0 or step == total_steps or "eval_loss" in record:
@@ -270,7 +271,7 @@ while step < total_steps:
         record |= {"tok_s": tok_s, "mem_gib": common.memory_gib(device), "elapsed_s": now - t_start}
         print(f"step {step:05d}/{total_steps:05d} ({100 * step / total_steps:.1f}%) | loss {step_loss:.4f}"
               + (f" | eval {record['eval_loss']:.4f}" if "eval_loss" in record else "")
-              + f" | lr {lr:.1e} | gnorm {float(grad_norm):.3f} | tok/s {tok_s:,.0f}"
+              + f" | lr {lr:.1e} | gnorm {grad_norm:.3f} | tok/s {tok_s:,.0f}"
               + f" | mem {record['mem_gib']:.1f} GiB | eta {common.fmt_duration(eta)}", flush=True)
         t_last, tokens_since = now, 0
     log.log(record)

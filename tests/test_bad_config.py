@@ -36,6 +36,7 @@ BAD = [
     (SFTConfig, ["--lr", "inf"], "lr", "must be a finite number"),
     (SFTConfig, ["--lr", "nan"], "lr", "must be a finite number"),
     (SFTConfig, ["--lr", "-inf"], "lr", "must be a finite number"),
+    (SFTConfig, ["--lr", "1e300"], "lr", "within float32 range"),  # finite in Python, inf in AdamW's float32
     (DPOConfig, ["--beta", "nan"], "beta", "must be a finite number"),
     (DPOConfig, ["--beta", "inf"], "beta", "must be a finite number"),
     (SFTConfig, ["--grad_clip", "inf"], "grad_clip", "must be a finite number"),
