@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from config import ASSISTANT, HUMAN, TURN_SEP, resolve, sha256_file, to_dict
+from config import ASSISTANT, HUMAN, ROOT, SOURCES, TURN_SEP, resolve, sha256_file, to_dict
 
 IGNORE = -100  # label value that cross_entropy skips: prompt tokens and padding
 
@@ -60,6 +60,201 @@ def require_files(paths, fix):
 def model_files(model_dir):
     d = resolve(model_dir)
     return [d / "config.json", d / "tokenizer.model"]
+
+
+class BadFile(Exception):
+    """A file that is there but is not what we need; the message says why (the caller names the file)."""
+
+
+def shown(path):
+    """A path as a user typed it: relative to the repo root when under it."""
+    path = Path(path)
+    try:
+        return path.resolve().relative_to(ROOT).as_posix()
+    except ValueError:
+        return str(path)
+
+
+def read_json(path, kind=dict):
+    """The JSON in `path`, which must be a `kind`. Every way it can be bad is one BadFile: invalid
+    UTF-8 or JSON, a 100,000-deep nesting (RecursionError), a 5,000-digit number (ValueError)."""
+    try:
+        obj = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise BadFile("missing") from None
+    except (OSError, ValueError, RecursionError) as e:
+        raise BadFile(f"not valid JSON ({type(e).__name__}: {str(e)[:120]})") from None
+    if not isinstance(obj, kind):
+        raise BadFile(f"must hold a JSON {'object' if kind is dict else kind.__name__}, "
+                      f"holds {json.dumps(obj)[:60] if isinstance(obj, (type(None), bool, int, float, str)) else type(obj).__name__}")
+    return obj
+
+
+# bytes per element of each safetensors dtype
+_ST_ITEMSIZE = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "I16": 2, "F16": 2, "BF16": 2,
+                "U32": 4, "I32": 4, "F32": 4, "U64": 8, "I64": 8, "F64": 8}
+
+
+def safetensors_header(path):
+    """({tensor name: shape}, metadata) of a .safetensors file from its header alone: 8 bytes of
+    little-endian header length, then that much JSON. The tensors are never read (a 10 GB shard
+    costs microseconds), yet the header must account for every byte of the file, so a copy cut
+    short, an empty file or a garbage header is a BadFile here and not a traceback in a loader."""
+    try:
+        size = Path(path).stat().st_size
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            if size < 8 or n > size - 8 or n > 100_000_000:  # safetensors' own header cap is 100 MB
+                raise BadFile(f"{size:,} bytes: empty, cut short or not a safetensors file (header length "
+                              f"{n:,})" if size >= 8 else f"{size:,} bytes: empty or cut short")
+            header = json.loads(f.read(n))
+    except FileNotFoundError:
+        raise BadFile("missing") from None
+    except (OSError, ValueError, RecursionError) as e:
+        raise BadFile(f"unreadable safetensors header ({type(e).__name__}: {str(e)[:80]})") from None
+    if not isinstance(header, dict) or not isinstance(header.get("__metadata__", {}), dict):
+        raise BadFile("safetensors header is not a JSON object")
+    meta, shapes, end = header.pop("__metadata__", {}), {}, 0
+    for name, t in header.items():
+        try:
+            shape, (a, b) = list(t["shape"]), t["data_offsets"]
+            ok = all(type(d) is int and d >= 0 for d in shape + [a, b]) and b - a == math.prod(shape) * _ST_ITEMSIZE[t["dtype"]]
+        except (TypeError, KeyError, ValueError):
+            ok = False
+        if not ok:
+            raise BadFile(f"safetensors header entry of tensor {name!r} is malformed: {json.dumps(t)[:100]}")
+        shapes[name], end = tuple(shape), max(end, b)
+    if 8 + n + end != size:
+        raise BadFile(f"{size:,} bytes, but its header describes {8 + n + end:,} (truncated or damaged)")
+    return shapes, meta
+
+
+def repair_hint(path):
+    """The command that brings back exactly this file of a model folder (verify.py's advice)."""
+    path = Path(path)
+    rel = shown(path)
+    if (path.parent / "merge_config.json").is_file():  # an output of merge.py
+        return f"delete {shown(path.parent)} and re-run `make merge`"
+    if rel in {f"{s.local_dir}/{n}" for s in SOURCES.values() for n in s.files}:
+        return f"python download.py --files {rel}"
+    if "demo" in rel:
+        return "make clean-demo && make demo-assets"
+    return "replace it with an intact copy of the model's file"
+
+
+# the config.json fields that size a Llama; each must be a positive integer
+LLAMA_FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size",
+                "max_position_embeddings")
+
+
+def base_model_problems(model_dir, training=True, lengths=None):
+    """(problems, model) for a Llama folder, WITHOUT loading a weight (milliseconds for 13B):
+    config.json has the fields that size the model; every safetensors shard's header parses and
+    accounts for the file's size; the index lists shards that exist and hold its tensors; the
+    weights' shapes agree with config.json; tokenizer.model loads and fits the embedding; each of
+    `lengths` ({"max_seq_len": 2048}) fits max_position_embeddings. training=False skips the
+    shards and the lengths: --prepare_only reads only config.json and the tokenizer.
+    model = SimpleNamespace(config, shapes {tensor: shape}, shards [file names])."""
+    import types
+    d = resolve(model_dir)
+    problems, model = [], types.SimpleNamespace(config=None, shapes={}, shards=[])
+
+    def bad(path, why):
+        problems.append(f"{shown(path)}: {why}\n    repair: {repair_hint(path)}")
+
+    try:
+        c = read_json(d / "config.json")
+        wrong = [f"{k} = {json.dumps(c.get(k))}" for k in LLAMA_FIELDS if not (type(c.get(k)) is int and c[k] > 0)]
+        if wrong:
+            raise BadFile("needs positive integers: " + ", ".join(wrong))
+        heads = c["num_attention_heads"]
+        kv = c.get("num_key_value_heads") or heads
+        head_dim = c.get("head_dim") or c["hidden_size"] // heads
+        if not (type(kv) is int and kv > 0 and heads % kv == 0 and type(head_dim) is int and head_dim > 0):
+            raise BadFile(f"num_key_value_heads = {json.dumps(kv)} / head_dim = {json.dumps(head_dim)}: "
+                          f"need positive integers, and kv heads dividing num_attention_heads {heads}")
+        model.config = c
+    except BadFile as e:
+        bad(d / "config.json", e)
+    for name, n in (lengths or {}).items():
+        if training and model.config and n > c["max_position_embeddings"]:
+            problems.append(f"--{name} {n} is longer than the model's max_position_embeddings "
+                            f"{c['max_position_embeddings']} ({shown(d / 'config.json')}): it has no position "
+                            f"beyond that; use --{name} {c['max_position_embeddings']} or less")
+
+    if training:
+        index, listed, held = d / "model.safetensors.index.json", {}, {}  # held: shard -> its tensors
+        model.shards = ["model.safetensors"]
+        if index.exists():
+            try:
+                listed = read_json(index).get("weight_map")
+                if not (isinstance(listed, dict) and listed and all(isinstance(v, str) for v in listed.values())):
+                    raise BadFile('needs a "weight_map" of tensor name -> shard file')
+                model.shards = sorted(set(listed.values()))
+            except BadFile as e:
+                bad(index, e)
+                listed, model.shards = {}, []
+        for shard in model.shards:
+            try:
+                if Path(shard).name != shard:
+                    raise BadFile(f"not a file name in the model folder (from {index.name})")
+                held[shard], _ = safetensors_header(d / shard)
+            except BadFile as e:
+                bad(d / shard, f"{e}{f' (listed in {index.name})' if listed and str(e) == 'missing' else ''}")
+        misplaced = [k for k, s in listed.items() if s in held and k not in held[s]]
+        if misplaced:
+            bad(index, f"places {len(misplaced)} tensor(s) in shards that do not hold them, "
+                       f"e.g. {misplaced[0]} in {listed[misplaced[0]]}")
+        where = {k: s for s, shapes in held.items() for k in shapes}
+        model.shapes = {k: shape for shapes in held.values() for k, shape in shapes.items()}
+        if model.config and held and len(held) == len(model.shards):
+            h, v, inter = c["hidden_size"], c["vocab_size"], c["intermediate_size"]
+            expect = {"model.embed_tokens.weight": (v, h),
+                      "model.layers.0.self_attn.q_proj.weight": (heads * head_dim, h),
+                      "model.layers.0.self_attn.k_proj.weight": (kv * head_dim, h),
+                      "model.layers.0.mlp.gate_proj.weight": (inter, h)}
+            if not c.get("tie_word_embeddings"):
+                expect["lm_head.weight"] = (v, h)
+            for name, shape in expect.items():
+                got = model.shapes.get(name)
+                if got != shape:
+                    bad(d / "config.json", f"hidden_size {h}, vocab_size {v}, intermediate_size {inter}, "
+                        f"{heads} heads ({kv} kv) give {name} the shape {list(shape)}, but "
+                        + (f"{where[name]} holds {list(got)}" if got else "no shard holds that tensor")
+                        + ": config.json and the weights are not of the same model")
+                    break
+            layers = {int(k.split(".")[2]) for k in model.shapes if k.startswith("model.layers.")
+                      and k.split(".")[2].isdigit()}
+            if layers != set(range(c["num_hidden_layers"])):
+                bad(d / "config.json", f"num_hidden_layers = {c['num_hidden_layers']}, but the weights hold "
+                    f"{len(layers)} layers: config.json and the weights are not of the same model")
+
+    tok = d / "tokenizer.model"
+    try:
+        import sentencepiece as spm
+        sp = spm.SentencePieceProcessor(model_file=str(tok))
+    except Exception as e:  # noqa: BLE001  (sentencepiece raises OSError, RuntimeError, ... for a bad file)
+        bad(tok, "missing" if not tok.is_file() else f"sentencepiece cannot load it ({str(e)[:100]})")
+    else:
+        # the embedding's rows: from the weights when they were read, else from config.json
+        rows, source = (model.shapes["model.embed_tokens.weight"][0], "model.embed_tokens.weight") \
+            if "model.embed_tokens.weight" in model.shapes else (model.config and c["vocab_size"], "config.json vocab_size")
+        if rows and sp.get_piece_size() > rows:
+            bad(tok, f"{sp.get_piece_size():,} tokens, but the model's embedding has {rows:,} rows ({source}): "
+                f"ids from {rows} on have no embedding (a tokenizer of another model)")
+        if sp.bos_id() < 0 or sp.eos_id() < 0:
+            bad(tok, "defines no BOS or no EOS token (the prompt format needs both)")
+    return problems, model
+
+
+def check_base_model(model_dir, training=True, lengths=None):
+    """base_model_problems, or stop naming every bad file with its repair. Returns its model."""
+    problems, model = base_model_problems(model_dir, training, lengths)
+    if problems:
+        sys.exit(f"the model in {shown(resolve(model_dir))} cannot be used ({len(problems)} problem(s)):\n  "
+                 + "\n  ".join(problems)
+                 + "\nto check every downloaded file against its sha256: make verify FULL=1 (python verify.py --full)")
+    return model
 
 
 def is_complete(folder):

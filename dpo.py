@@ -48,6 +48,8 @@ subsets = cfg.subsets.split(",")
 data_files = {split: [resolve(cfg.data_dir) / s / f"{split}.jsonl.gz" for s in subsets] for split in ("train", "test")}
 fix = "python demo_assets.py" if "demo" in cfg.model_dir else "make download-datasets-and-models"
 common.require_files(common.model_files(cfg.model_dir) + data_files[cfg.split] + data_files["test"], fix)
+# config.json, every shard's header and tokenizer.model against each other, no weight loaded
+base = common.check_base_model(cfg.model_dir, training=not prepare_only, lengths={"max_len": cfg.max_len})
 if not prepare_only and not common.is_complete(resolve(cfg.sft_dir)):
     # a stage never starts from an upstream stage's incomplete output
     sys.exit(f"{cfg.sft_dir} is not a complete SFT adapter (no COMPLETE.json): run `make sft` first")

@@ -101,6 +101,8 @@ inherited = {
 print("inherited from the adapters' config.json:\n" + json.dumps(inherited, indent=2))
 common.require_files(common.model_files(sft_cfg.model_dir),
                      "python demo_assets.py" if "demo" in sft_cfg.model_dir else "make download-datasets-and-models")
+# the base's files against each other before any heavy work
+common.check_base_model(sft_cfg.model_dir)
 tok = Tokenizer(sft_cfg.model_dir)
 
 # -----------------------------------------------------------------------------

@@ -32,6 +32,8 @@ if common.is_complete(out_dir):
     print(f"merge: already complete ({cfg.output_dir}): nothing to do")
     sys.exit(0)
 common.require_files(common.model_files(cfg.model_dir), "make download-datasets-and-models")
+# the base's config, shard headers (a truncated shard is named here, before any output) and tokenizer
+base = common.check_base_model(cfg.model_dir)
 for stage, folder in (("sft", cfg.sft_dir), ("dpo", cfg.dpo_dir)):
     problems = common.verify_checkpoint(resolve(folder))  # hashes: never merge a corrupt adapter
     if problems:
@@ -57,12 +59,7 @@ for folder in (cfg.sft_dir, cfg.dpo_dir):
         deltas.setdefault(target, []).append((scale, b, a))
 print(f"adapters: {len(deltas)} base tensors receive a low-rank update")
 
-index_path = base_dir / "model.safetensors.index.json"
-if index_path.is_file():
-    shard_names = sorted(set(json.loads(index_path.read_text())["weight_map"].values()))
-else:
-    shard_names = ["model.safetensors"]
-common.require_files([base_dir / s for s in shard_names], "make download-datasets-and-models")
+shard_names = base.shards  # from the index (or the one model.safetensors), each checked above
 
 # -----------------------------------------------------------------------------
 # Stream: one base tensor in, merged, into the current output shard; flush at max_shard_gb.

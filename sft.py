@@ -41,6 +41,9 @@ if common.is_complete(final_dir) and not prepare_only:
 data_path = resolve(cfg.data_dir) / "instructions.jsonl"
 fix = "python demo_assets.py" if "demo" in cfg.model_dir else "make download-datasets-and-models"
 common.require_files(common.model_files(cfg.model_dir) + [data_path], fix)
+# config.json, every shard's header and tokenizer.model against each other, no weight loaded:
+# a damaged file costs a second here, not a traceback after the data preparation
+common.check_base_model(cfg.model_dir, training=not prepare_only, lengths={"max_seq_len": cfg.max_seq_len})
 ckpt = common.find_resume(out_dir, cfg)  # before any heavy work: a mismatch costs a second
 out_dir.mkdir(parents=True, exist_ok=True)
 common.save_json(out_dir / "config.json", to_dict(cfg))
