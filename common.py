@@ -25,6 +25,7 @@ import itertools
 import json
 import math
 import random
+import secrets
 import shutil
 import signal
 import sys
@@ -255,6 +256,12 @@ def check_base_model(model_dir, training=True, lengths=None):
                  + "\n  ".join(problems)
                  + "\nto check every downloaded file against its sha256: make verify FULL=1 (python verify.py --full)")
     return model
+
+
+# Files a resume reads from a checkpoint: every one must be listed (hashed) in its COMPLETE.json,
+# or the checkpoint is not resumable (a file the save never wrote is never trusted).
+RESUME_FILES = ("adapter_model.safetensors", "optimizer.safetensors", "optimizer.json", "rng.safetensors",
+                "trainer_state.json")  # find_resume + load_training_state
 
 
 def is_complete(folder):
@@ -744,12 +751,21 @@ def adapter_files(model, name):
 
 
 def load_adapter_weights(model, name, folder):
-    from peft import set_peft_model_state_dict
-    result = set_peft_model_state_dict(model, load_file(str(Path(folder) / "adapter_model.safetensors")),
-                                       adapter_name=name)
-    unexpected = getattr(result, "unexpected_keys", [])
-    if unexpected:
-        sys.exit(f"{folder}: adapter has tensors this model does not: {unexpected[:3]}")
+    """Adapter `name` from folder/adapter_model.safetensors, its tensor names and shapes checked
+    against the model first (from the header): peft loads a partial state dict without a word
+    (a missing tensor keeps its fresh init) and a wrong shape fails deep inside torch."""
+    from peft import get_peft_model_state_dict, set_peft_model_state_dict
+    path = Path(folder) / "adapter_model.safetensors"
+    want = {k: tuple(v.shape) for k, v in get_peft_model_state_dict(model, adapter_name=name).items()}
+    try:
+        have, _ = safetensors_header(path)
+        diff = [f"{k}: file {list(have[k]) if k in have else 'none'}, model {list(want[k]) if k in want else 'none'}"
+                for k in sorted(want.keys() | have.keys()) if have.get(k) != want.get(k)]
+        if diff:
+            raise BadFile(f"{len(diff)} tensor(s) do not fit this model's {name} adapter, e.g. {diff[0]}")
+    except BadFile as e:
+        cannot_resume(folder, path, e)
+    set_peft_model_state_dict(model, load_file(str(path)), adapter_name=name)
 
 
 def trainable_parameters(model):
@@ -973,11 +989,12 @@ class AtomicFolder:
         _fsync_path(self.folder.parent)
 
 
-def write_checkpoint(folder, tensor_files, json_files):
-    """Atomically create `folder` from {"x.safetensors": {key: tensor}} and {"y.json": obj}."""
+def write_checkpoint(folder, tensor_files, json_files, metadata=None):
+    """Atomically create `folder` from {"x.safetensors": {key: tensor}} and {"y.json": obj};
+    `metadata` ({str: str}) goes into every safetensors header."""
     with AtomicFolder(folder) as tmp:
         for name, tensors in tensor_files.items():
-            save_file(tensors, str(tmp / name))
+            save_file(tensors, str(tmp / name), metadata=metadata)
             _fault("mid_write")
             _fault("enospc")
         for name, obj in json_files.items():
@@ -992,38 +1009,135 @@ def save_training_state(folder, model, adapter, optimizer, state):
     opt_tensors, opt_meta = flatten_optimizer(optimizer)
     rng_tensors, rng_meta = rng_state()
     tensors |= {"optimizer.safetensors": opt_tensors, "rng.safetensors": rng_tensors}
-    jsons |= {"optimizer.json": opt_meta, "trainer_state.json": dict(state, rng=rng_meta)}
-    write_checkpoint(folder, tensors, jsons)
+    # one random id per save, in every file, binds them together (see resume_problems);
+    # secrets draws from the OS, so no RNG stream of the run moves
+    bind = {"checkpoint_id": secrets.token_hex(8), "step": str(state["step"])}
+    jsons |= {"optimizer.json": opt_meta,
+              "trainer_state.json": dict(state, rng=rng_meta, checkpoint_id=bind["checkpoint_id"])}
+    write_checkpoint(folder, tensors, jsons, metadata=bind)
 
 
 def load_training_state(folder, model, adapter, optimizer):
-    """Inverse of save_training_state; returns the JSON state. Nothing goes through pickle."""
+    """Inverse of save_training_state; returns the JSON state. Nothing goes through pickle, and
+    nothing is loaded before its names and shapes are checked against this model."""
     folder = Path(folder)
     load_adapter_weights(model, adapter, folder)
-    meta = json.loads((folder / "optimizer.json").read_text())
-    optimizer.load_state_dict(unflatten_optimizer(load_file(str(folder / "optimizer.safetensors")), meta))
+    path = folder / "optimizer.json"
+    try:
+        meta = read_json(path)
+        path = folder / "optimizer.safetensors"
+        names = [n for n, p in model.named_parameters() if p.requires_grad]  # make_optimizer's order
+        state_dict = checked_optimizer_state(optimizer, load_file(str(path)), meta, names)
+    except BadFile as e:
+        cannot_resume(folder, path, e)
+    optimizer.load_state_dict(state_dict)
     state = json.loads((folder / "trainer_state.json").read_text())
     set_rng_state(load_file(str(folder / "rng.safetensors")), state["rng"])
     return state
 
 
-def verify_checkpoint(folder):
+def cannot_resume(folder, path, why):
+    sys.exit(f"cannot resume from {shown(folder)}: {shown(path)}: {why}\n"
+             f"this checkpoint does not fit the model built now. Move it aside (mv {shown(folder)} "
+             f"{shown(folder)}.bad) to resume from the one before it, or use a new --output_dir to start afresh")
+
+
+def checked_optimizer_state(optimizer, tensors, meta, names):
+    """The saved optimizer state (unflatten_optimizer) after checking it against the parameters
+    it is about to be loaded into: torch's and bitsandbytes' load_state_dict compare only the
+    group sizes, so moments of another shape load and fail (or broadcast) at the first step, and
+    moments of another dtype are silently cast. BadFile names the parameter."""
+    try:
+        sd = unflatten_optimizer(tensors, meta)
+        saved = [len(g["params"]) for g in sd["param_groups"]]
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise BadFile(f"not an optimizer state this code wrote ({type(e).__name__}: {e})") from None
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    if saved != [len(g["params"]) for g in optimizer.param_groups] or sorted(sd["state"]) != list(range(len(params))):
+        raise BadFile(f"holds state for {len(sd['state'])} parameters in groups of {saved}; this model trains "
+                      f"{len(params)} in groups of {[len(g['params']) for g in optimizer.param_groups]}")
+    for i, p in enumerate(params):
+        for key, v in sd["state"][i].items():
+            # torch AdamW: exp_avg(_sq) shaped and typed like the parameter; bitsandbytes:
+            # state1/2 shaped like it, uint8 (8-bit) or fp32 (small tensors)
+            dtypes = (p.dtype,) if key.startswith("exp_avg") else (torch.uint8, torch.float32)
+            if key in ("exp_avg", "exp_avg_sq", "state1", "state2") and (
+                    not torch.is_tensor(v) or v.shape != p.shape or v.dtype not in dtypes):
+                got = f"{list(v.shape)} {v.dtype}" if torch.is_tensor(v) else repr(v)[:40]
+                raise BadFile(f"{key} of {names[i]} is {got}, the parameter is {list(p.shape)} {p.dtype}")
+    return sd
+
+
+def marker_files(folder):
+    """COMPLETE.json's {file name: {"sha256", "bytes"}}, as AtomicFolder writes it, or BadFile:
+    `null`, a list, "files" as a list or an empty map, a non-hex hash, a name with a path in it
+    (it would check a file outside the folder) are a corrupt marker, never a traceback."""
+    files = read_json(Path(folder) / "COMPLETE.json").get("files")
+    if not isinstance(files, dict) or not files:
+        raise BadFile(f'needs a non-empty "files" map of file name -> {{"sha256", "bytes"}}, has {json.dumps(files)[:60]}')
+    for name, want in files.items():
+        sha, size = (want.get("sha256"), want.get("bytes")) if isinstance(want, dict) else (None, None)
+        if (Path(name).name != name or name in ("", ".", "..") or not isinstance(sha, str) or len(sha) != 64
+                or set(sha) - set("0123456789abcdef") or type(size) is not int or size < 0):
+            raise BadFile(f'entry {json.dumps(name)[:60]}: {json.dumps(want)[:100]} is not '
+                          f'{{"sha256": 64 hex digits, "bytes": size}} of a file in the folder')
+    return files
+
+
+def verify_checkpoint(folder, need=(), full=True):
     """Return a list of problems (empty = good) by checking every file against the hashes
-    recorded in COMPLETE.json: a truncated or flipped-bit tensor file is named, never used."""
+    recorded in COMPLETE.json: a truncated or flipped-bit tensor file is named, never used.
+    need: files the caller will read, which must be listed too. full=False: sizes only."""
     folder = Path(folder)
-    if not is_complete(folder):
+    if not (folder / "COMPLETE.json").is_file():
         return [f"{folder}: no COMPLETE.json (the save was interrupted)"]
     try:
-        files = json.loads((folder / "COMPLETE.json").read_text())["files"]
-    except (json.JSONDecodeError, KeyError) as e:
-        return [f"{folder}/COMPLETE.json unreadable: {e}"]
-    problems = []
+        files = marker_files(folder)
+    except BadFile as e:
+        return [f"{folder}/COMPLETE.json: corrupt marker: {e}"]
+    problems = [f"{folder / n}: not listed in COMPLETE.json, so never verified (it is not from this save)"
+                for n in need if n not in files]
     for name, want in files.items():
         p = folder / name
         if not p.is_file():
             problems.append(f"{p}: missing")
-        elif p.stat().st_size != want["bytes"] or sha256_file(p) != want["sha256"]:
-            problems.append(f"{p}: contents do not match the sha256 recorded at save time (corrupt or truncated)")
+        elif p.stat().st_size != want["bytes"] or (full and sha256_file(p) != want["sha256"]):
+            problems.append(f"{p}: contents do not match the sha256 recorded at save time (corrupt or truncated: "
+                            f"{p.stat().st_size:,} bytes, {want['bytes']:,} when saved)")
+    return problems
+
+
+def resume_problems(folder):
+    """verify_checkpoint for a resume (every file it reads listed and intact) + the binding of
+    the files. Hashes prove each file is the one COMPLETE.json lists, not that the files belong
+    together: an optimizer state of the same shapes copied in from another run, with
+    COMPLETE.json rewritten, would resume silently with foreign moments. So every save draws a
+    random checkpoint_id and writes it, with the step, into each safetensors header and into
+    trainer_state.json; all must agree. Per save, not per run: a file of another step of the
+    same run is caught too."""
+    folder = Path(folder)
+    problems = verify_checkpoint(folder, RESUME_FILES)
+    if problems:
+        return problems
+    try:
+        state = read_json(folder / "trainer_state.json")
+        if not (type(state.get("step")) is int and isinstance(state.get("history"), list)
+                and isinstance(state.get("config"), dict) and isinstance(state.get("rng"), dict)):
+            raise BadFile("lacks the step, history, config or rng of a training state")
+    except BadFile as e:
+        return [f"{folder / 'trainer_state.json'}: {e}"]
+    if "checkpoint_id" not in state:  # saved before checkpoints carried ids (a run begun on older code)
+        print(f"note: {folder.name} predates checkpoint ids: its files are checked by their hashes only")
+        return []
+    want = (state["checkpoint_id"], str(state["step"]))
+    for name in ("adapter_model.safetensors", "optimizer.safetensors", "rng.safetensors"):
+        try:
+            got = tuple(safetensors_header(folder / name)[1].get(k) for k in ("checkpoint_id", "step"))
+        except BadFile as e:
+            got = str(e)
+        if got != want:
+            problems.append(f"{folder / name}: not written by the save of trainer_state.json (checkpoint_id, "
+                            f"step: {got} here, {want} there): copied in from another run or step")
     return problems
 
 
@@ -1032,14 +1146,21 @@ def step_folders(output_dir):
 
 
 def latest_checkpoint(output_dir):
-    """Newest step folder that verifies; incomplete or corrupt ones are reported and skipped."""
+    """Newest step folder a resume can use; incomplete, corrupt or mismatched ones are reported
+    and skipped, and a fall-back to an older one is said out loud."""
     for tmp in sorted(Path(output_dir).glob("*.tmp")):
         print(f"ignoring incomplete save {tmp.name} (interrupted while writing; it is replaced by the next save)")
+    skipped = []
     for folder in reversed(step_folders(output_dir)):
-        problems = verify_checkpoint(folder)
+        problems = resume_problems(folder)
         if not problems:
+            if skipped:
+                print(f"resuming from {folder.name}, the newest checkpoint that verifies (skipped: {', '.join(skipped)})")
             return folder
         print("skipping checkpoint: " + "; ".join(problems))
+        skipped.append(folder.name)
+    if skipped:
+        print(f"no checkpoint in {output_dir} verifies: starting from step 0 (the damaged ones are replaced as the run passes them)")
     return None
 
 
