@@ -258,15 +258,72 @@ def check_base_model(model_dir, training=True, lengths=None):
     return model
 
 
-# Files a resume reads from a checkpoint: every one must be listed (hashed) in its COMPLETE.json,
-# or the checkpoint is not resumable (a file the save never wrote is never trusted).
+def lora_target(key):
+    """The base weight a LoRA tensor modifies: peft's
+    base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight -> model.layers.0.self_attn.q_proj.weight"""
+    return key.removeprefix("base_model.model.").replace(".lora_A.weight", ".weight").replace(".lora_B.weight", ".weight")
+
+
+def lora_shape_problems(folder, model):
+    """An adapter folder against the base model it will sit on (check_base_model's result),
+    from the headers alone: every LoRA pair must fit its base weight, B [out, r] @ A [r, in] =
+    W [out, in]. An adapter trained on another base is named here, not a size-mismatch
+    traceback from peft after the model load."""
+    path = Path(folder) / "adapter_model.safetensors"
+    try:
+        shapes, _ = safetensors_header(path)
+    except BadFile as e:
+        return [f"{shown(path)}: {e}"]
+    bad = []
+    for key, a in shapes.items():
+        if ".lora_A." in key:
+            b, w = shapes.get(key.replace(".lora_A.", ".lora_B.")), model.shapes.get(lora_target(key))
+            if not (w and b and len(a) == len(b) == len(w) == 2 and a[1] == w[1] and b[0] == w[0] and a[0] == b[1]):
+                bad.append(f"{lora_target(key)}: lora_A {list(a)}, lora_B {list(b) if b else None}, "
+                           f"base {list(w) if w else 'no such tensor'}")
+    if bad:
+        return [f"{shown(path)}: {len(bad)} LoRA pair(s) do not fit the base model's weights, e.g. {bad[0]}: "
+                f"an adapter of another base model (its folder's config.json names the model_dir it was trained on)"]
+    return [] if any(".lora_A." in k for k in shapes) else [f"{shown(path)}: holds no LoRA tensors"]
+
+
+def check_adapter(folder, model, what, stage=None):
+    """Stop unless `folder` is a finished adapter (COMPLETE.json lists the adapter files, every
+    hash verifies) whose LoRA shapes fit `model`. `what` starts the message; `stage` the fix."""
+    fix = (f"run `make {stage}` first (a damaged one: delete it, rm -r {shown(folder)}, and the stage rebuilds "
+           f"it from its newest checkpoint)" if stage else "point to a finished adapter folder (<stage>/final)")
+    problems = verify_checkpoint(folder, ADAPTER_FILES)
+    if problems:
+        sys.exit(f"{what}: {shown(folder)} is not a complete, intact adapter:\n  " + "\n  ".join(problems) + f"\n{fix}")
+    problems = lora_shape_problems(folder, model)
+    if problems:
+        sys.exit(f"{what}: {shown(folder)} does not fit the base model:\n  " + "\n  ".join(problems))
+
+
+# Files each reader takes from a folder: every one must be listed (hashed) in its COMPLETE.json,
+# or the folder is not usable for that purpose (a file the save never wrote is never trusted).
+ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json")  # merge.py, chat.py, dpo.py's SFT adapter
+FINAL_FILES = ADAPTER_FILES + ("config.json", "summary.json")  # a stage's final/ (eval.py reads all four)
 RESUME_FILES = ("adapter_model.safetensors", "optimizer.safetensors", "optimizer.json", "rng.safetensors",
                 "trainer_state.json")  # find_resume + load_training_state
 
 
-def is_complete(folder):
-    """A stage output or checkpoint counts only once its marker (written last) exists."""
-    return (Path(folder) / "COMPLETE.json").is_file()
+def is_complete(folder, fix=None, need=FINAL_FILES, full=True):
+    """Is a stage's output done? False while `folder` has no COMPLETE.json (not built yet, or
+    interrupted: the stage builds it); True once the marker and every file it lists verify. A
+    marker over damaged files stops the run with `fix`: a truncated adapter must never count as
+    "already complete", nor reach the next stage.
+    full: sha256 of every file, not only sizes. Adapters are hashed: 13B at r=128 is 0.5B fp32
+    params = 2 GB, ~1-2 s at sha256's ~1.8 GB/s, cheap next to what reads them. A merged model
+    (26 GB: minutes) is checked by sizes, and its shards' headers by check_base_model."""
+    if not (Path(folder) / "COMPLETE.json").is_file():
+        return False
+    problems = verify_checkpoint(folder, need, full)
+    if problems:
+        sys.exit(f"{shown(folder)} is marked complete but damaged:\n  " + "\n  ".join(problems) + "\n"
+                 + (fix or f"delete it (rm -r {shown(folder)}) and re-run the same command: a stage without "
+                            f"final/ rebuilds it from its newest checkpoint"))
+    return True
 
 
 def pick_device():
@@ -596,15 +653,20 @@ def stage_data(stage_out_dir, stage):
     """The exact prepared tensors a finished stage used (for eval.py): looked up in the data cache
     by the key in its data_report.json, and accepted only if their digest is the one it trained on."""
     out = Path(stage_out_dir)
-    report = json.loads((out / "data_report.json").read_text())
-    cfg = json.loads((out / "config.json").read_text())
+    rebuild = f"python {stage}.py --prepare-only --preset ... (the flags in {out / 'config.json'})"
+    files = {}
+    for name in ("data_report.json", "config.json", "final/summary.json"):
+        try:
+            files[name] = read_json(out / name)
+        except BadFile as e:
+            sys.exit(f"{shown(out / name)}: {e}; rewrite it (seconds, no training) with the run's settings: {rebuild}")
+    report, cfg = files["data_report.json"], files["config.json"]
     # the digest the FINAL adapter was trained on (a later --prepare-only may have rewritten the report)
-    want = json.loads((out / "final/summary.json").read_text()).get("data_digest", report.get("data_digest"))
+    want = files["final/summary.json"].get("data_digest", report.get("data_digest"))
     hit = load_cached(cfg.get("cache_dir"), report.get("cache_key"))
     if hit is None or data_digest(hit[0]) != want:
         sys.exit(f"the prepared data of {out} is not in its cache ({cfg.get('cache_dir') or 'cache off'}); "
-                 f"rebuild it (seconds, no training) with the run's settings: "
-                 f"python {stage}.py --prepare-only --preset ... (the flags in {out / 'config.json'})")
+                 f"rebuild it (seconds, no training) with the run's settings: {rebuild}")
     return hit[0], report, cfg
 
 

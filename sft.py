@@ -34,7 +34,7 @@ if cfg.grad_accum % dist.world:
 print_config(cfg)
 out_dir, final_dir = resolve(cfg.output_dir), resolve(cfg.output_dir) / "final"
 resume_cmd = " ".join(["python"] + sys.argv) if dist.world == 1 else f"make train NPROC={dist.world} (same flags)"
-if common.is_complete(final_dir) and not prepare_only:
+if not prepare_only and common.is_complete(final_dir):  # hashes verified: a damaged final/ stops here, named
     print(f"sft: already complete ({cfg.output_dir}/final): nothing to do. "
           f"Use a new --output_dir (or delete that folder) to train again.")
     sys.exit(0)
