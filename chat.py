@@ -25,10 +25,10 @@ adapters = [a for a in cfg.adapters.split(",") if a]
 # a merged model is only used once complete; a base + adapters is checked adapter by adapter
 common.require_files(common.model_files(cfg.model_dir) + ([] if adapters else [resolve(cfg.model_dir) / "COMPLETE.json"]),
                      "make train")
+# config, every shard's header against its size (a truncated shard is named, not a loader traceback), tokenizer
+base = common.check_base_model(cfg.model_dir)
 for folder in adapters:
-    problems = common.verify_checkpoint(resolve(folder))
-    if problems:
-        sys.exit(f"--adapters: {folder} is not a complete, intact adapter ({'; '.join(problems)})")
+    common.check_adapter(resolve(folder), base, "--adapters")
 
 from transformers import AutoModelForCausalLM  # noqa: E402
 

@@ -29,6 +29,7 @@ import itertools
 import json
 import math
 import random
+import secrets
 import shutil
 import signal
 import sys
@@ -136,7 +137,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from config import ASSISTANT, HUMAN, TURN_SEP, resolve, sha256_file, to_dict
+from config import ASSISTANT, HUMAN, ROOT, SOURCES, TURN_SEP, resolve, sha256_file, to_dict
 
 IGNORE = -100  # label value that cross_entropy skips: prompt tokens and padding
 
@@ -188,9 +189,267 @@ def model_files(model_dir):
     return [d / "config.json", d / "tokenizer.model"]
 
 
-def is_complete(folder):
-    """A stage output or checkpoint counts only once its marker (written last) exists."""
-    return (Path(folder) / "COMPLETE.json").is_file()
+class BadFile(Exception):
+    """A file that is there but is not what we need; the message says why (the caller names the file)."""
+
+
+def shown(path):
+    """A path as a user typed it: relative to the repo root when under it."""
+    path = Path(path)
+    try:
+        return path.resolve().relative_to(ROOT).as_posix()
+    except ValueError:
+        return str(path)
+
+
+def read_json(path, kind=dict):
+    """The JSON in `path`, which must be a `kind`. Every way it can be bad is one BadFile: invalid
+    UTF-8 or JSON, a 100,000-deep nesting (RecursionError), a 5,000-digit number (ValueError)."""
+    try:
+        obj = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise BadFile("missing") from None
+    except (OSError, ValueError, RecursionError) as e:
+        raise BadFile(f"not valid JSON ({type(e).__name__}: {str(e)[:120]})") from None
+    if not isinstance(obj, kind):
+        raise BadFile(f"must hold a JSON {'object' if kind is dict else kind.__name__}, "
+                      f"holds {json.dumps(obj)[:60] if isinstance(obj, (type(None), bool, int, float, str)) else type(obj).__name__}")
+    return obj
+
+
+# bytes per element of each safetensors dtype
+_ST_ITEMSIZE = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "I16": 2, "F16": 2, "BF16": 2,
+                "U32": 4, "I32": 4, "F32": 4, "U64": 8, "I64": 8, "F64": 8}
+
+
+def safetensors_header(path):
+    """({tensor name: shape}, metadata) of a .safetensors file from its header alone: 8 bytes of
+    little-endian header length, then that much JSON. The tensors are never read (a 10 GB shard
+    costs microseconds), yet the header must account for every byte of the file, so a copy cut
+    short, an empty file or a garbage header is a BadFile here and not a traceback in a loader."""
+    try:
+        size = Path(path).stat().st_size
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            if size < 8 or n > size - 8 or n > 100_000_000:  # safetensors' own header cap is 100 MB
+                raise BadFile(f"{size:,} bytes: empty, cut short or not a safetensors file (header length "
+                              f"{n:,})" if size >= 8 else f"{size:,} bytes: empty or cut short")
+            header = json.loads(f.read(n))
+    except FileNotFoundError:
+        raise BadFile("missing") from None
+    except (OSError, ValueError, RecursionError) as e:
+        raise BadFile(f"unreadable safetensors header ({type(e).__name__}: {str(e)[:80]})") from None
+    if not isinstance(header, dict) or not isinstance(header.get("__metadata__", {}), dict):
+        raise BadFile("safetensors header is not a JSON object")
+    meta, shapes, end = header.pop("__metadata__", {}), {}, 0
+    for name, t in header.items():
+        try:
+            shape, (a, b) = list(t["shape"]), t["data_offsets"]
+            ok = all(type(d) is int and d >= 0 for d in shape + [a, b]) and b - a == math.prod(shape) * _ST_ITEMSIZE[t["dtype"]]
+        except (TypeError, KeyError, ValueError):
+            ok = False
+        if not ok:
+            raise BadFile(f"safetensors header entry of tensor {name!r} is malformed: {json.dumps(t)[:100]}")
+        shapes[name], end = tuple(shape), max(end, b)
+    if 8 + n + end != size:
+        raise BadFile(f"{size:,} bytes, but its header describes {8 + n + end:,} (truncated or damaged)")
+    return shapes, meta
+
+
+def repair_hint(path):
+    """The command that brings back exactly this file of a model folder (verify.py's advice)."""
+    path = Path(path)
+    rel = shown(path)
+    if (path.parent / "merge_config.json").is_file():  # an output of merge.py
+        return f"delete {shown(path.parent)} and re-run `make merge`"
+    if rel in {f"{s.local_dir}/{n}" for s in SOURCES.values() for n in s.files}:
+        return f"python download.py --files {rel}"
+    if "demo" in rel:
+        return "make clean-demo && make demo-assets"
+    return "replace it with an intact copy of the model's file"
+
+
+# the config.json fields that size a Llama; each must be a positive integer
+LLAMA_FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size",
+                "max_position_embeddings")
+
+
+def base_model_problems(model_dir, training=True, lengths=None):
+    """(problems, model) for a Llama folder, WITHOUT loading a weight (milliseconds for 13B):
+    config.json has the fields that size the model; every safetensors shard's header parses and
+    accounts for the file's size; the index lists shards that exist and hold its tensors; the
+    weights' shapes agree with config.json; tokenizer.model loads and fits the embedding; each of
+    `lengths` ({"max_seq_len": 2048}) fits max_position_embeddings. training=False skips the
+    shards and the lengths: --prepare_only reads only config.json and the tokenizer.
+    model = SimpleNamespace(config, shapes {tensor: shape}, shards [file names])."""
+    import types
+    d = resolve(model_dir)
+    problems, model = [], types.SimpleNamespace(config=None, shapes={}, shards=[])
+
+    def bad(path, why):
+        problems.append(f"{shown(path)}: {why}\n    repair: {repair_hint(path)}")
+
+    try:
+        c = read_json(d / "config.json")
+        wrong = [f"{k} = {json.dumps(c.get(k))}" for k in LLAMA_FIELDS if not (type(c.get(k)) is int and c[k] > 0)]
+        if wrong:
+            raise BadFile("needs positive integers: " + ", ".join(wrong))
+        heads = c["num_attention_heads"]
+        kv = c.get("num_key_value_heads") or heads
+        head_dim = c.get("head_dim") or c["hidden_size"] // heads
+        if not (type(kv) is int and kv > 0 and heads % kv == 0 and type(head_dim) is int and head_dim > 0):
+            raise BadFile(f"num_key_value_heads = {json.dumps(kv)} / head_dim = {json.dumps(head_dim)}: "
+                          f"need positive integers, and kv heads dividing num_attention_heads {heads}")
+        model.config = c
+    except BadFile as e:
+        bad(d / "config.json", e)
+    for name, n in (lengths or {}).items():
+        if training and model.config and n > c["max_position_embeddings"]:
+            problems.append(f"--{name} {n} is longer than the model's max_position_embeddings "
+                            f"{c['max_position_embeddings']} ({shown(d / 'config.json')}): it has no position "
+                            f"beyond that; use --{name} {c['max_position_embeddings']} or less")
+
+    if training:
+        index, listed, held = d / "model.safetensors.index.json", {}, {}  # held: shard -> its tensors
+        model.shards = ["model.safetensors"]
+        if index.exists():
+            try:
+                listed = read_json(index).get("weight_map")
+                if not (isinstance(listed, dict) and listed and all(isinstance(v, str) for v in listed.values())):
+                    raise BadFile('needs a "weight_map" of tensor name -> shard file')
+                model.shards = sorted(set(listed.values()))
+            except BadFile as e:
+                bad(index, e)
+                listed, model.shards = {}, []
+        for shard in model.shards:
+            try:
+                if Path(shard).name != shard:
+                    raise BadFile(f"not a file name in the model folder (from {index.name})")
+                held[shard], _ = safetensors_header(d / shard)
+            except BadFile as e:
+                bad(d / shard, f"{e}{f' (listed in {index.name})' if listed and str(e) == 'missing' else ''}")
+        misplaced = [k for k, s in listed.items() if s in held and k not in held[s]]
+        if misplaced:
+            bad(index, f"places {len(misplaced)} tensor(s) in shards that do not hold them, "
+                       f"e.g. {misplaced[0]} in {listed[misplaced[0]]}")
+        where = {k: s for s, shapes in held.items() for k in shapes}
+        model.shapes = {k: shape for shapes in held.values() for k, shape in shapes.items()}
+        if model.config and held and len(held) == len(model.shards):
+            h, v, inter = c["hidden_size"], c["vocab_size"], c["intermediate_size"]
+            expect = {"model.embed_tokens.weight": (v, h),
+                      "model.layers.0.self_attn.q_proj.weight": (heads * head_dim, h),
+                      "model.layers.0.self_attn.k_proj.weight": (kv * head_dim, h),
+                      "model.layers.0.mlp.gate_proj.weight": (inter, h)}
+            if not c.get("tie_word_embeddings"):
+                expect["lm_head.weight"] = (v, h)
+            for name, shape in expect.items():
+                got = model.shapes.get(name)
+                if got != shape:
+                    bad(d / "config.json", f"hidden_size {h}, vocab_size {v}, intermediate_size {inter}, "
+                        f"{heads} heads ({kv} kv) give {name} the shape {list(shape)}, but "
+                        + (f"{where[name]} holds {list(got)}" if got else "no shard holds that tensor")
+                        + ": config.json and the weights are not of the same model")
+                    break
+            layers = {int(k.split(".")[2]) for k in model.shapes if k.startswith("model.layers.")
+                      and k.split(".")[2].isdigit()}
+            if layers != set(range(c["num_hidden_layers"])):
+                bad(d / "config.json", f"num_hidden_layers = {c['num_hidden_layers']}, but the weights hold "
+                    f"{len(layers)} layers: config.json and the weights are not of the same model")
+
+    tok = d / "tokenizer.model"
+    try:
+        import sentencepiece as spm
+        sp = spm.SentencePieceProcessor(model_file=str(tok))
+    except Exception as e:  # noqa: BLE001  (sentencepiece raises OSError, RuntimeError, ... for a bad file)
+        bad(tok, "missing" if not tok.is_file() else f"sentencepiece cannot load it ({str(e)[:100]})")
+    else:
+        # the embedding's rows: from the weights when they were read, else from config.json
+        rows, source = (model.shapes["model.embed_tokens.weight"][0], "model.embed_tokens.weight") \
+            if "model.embed_tokens.weight" in model.shapes else (model.config and c["vocab_size"], "config.json vocab_size")
+        if rows and sp.get_piece_size() > rows:
+            bad(tok, f"{sp.get_piece_size():,} tokens, but the model's embedding has {rows:,} rows ({source}): "
+                f"ids from {rows} on have no embedding (a tokenizer of another model)")
+        if sp.bos_id() < 0 or sp.eos_id() < 0:
+            bad(tok, "defines no BOS or no EOS token (the prompt format needs both)")
+    return problems, model
+
+
+def check_base_model(model_dir, training=True, lengths=None):
+    """base_model_problems, or stop naming every bad file with its repair. Returns its model."""
+    problems, model = base_model_problems(model_dir, training, lengths)
+    if problems:
+        sys.exit(f"the model in {shown(resolve(model_dir))} cannot be used ({len(problems)} problem(s)):\n  "
+                 + "\n  ".join(problems)
+                 + "\nto check every downloaded file against its sha256: make verify FULL=1 (python verify.py --full)")
+    return model
+
+
+def lora_target(key):
+    """The base weight a LoRA tensor modifies: peft's
+    base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight -> model.layers.0.self_attn.q_proj.weight"""
+    return key.removeprefix("base_model.model.").replace(".lora_A.weight", ".weight").replace(".lora_B.weight", ".weight")
+
+
+def lora_shape_problems(folder, model):
+    """An adapter folder against the base model it will sit on (check_base_model's result),
+    from the headers alone: every LoRA pair must fit its base weight, B [out, r] @ A [r, in] =
+    W [out, in]. An adapter trained on another base is named here, not a size-mismatch
+    traceback from peft after the model load."""
+    path = Path(folder) / "adapter_model.safetensors"
+    try:
+        shapes, _ = safetensors_header(path)
+    except BadFile as e:
+        return [f"{shown(path)}: {e}"]
+    bad = []
+    for key, a in shapes.items():
+        if ".lora_A." in key:
+            b, w = shapes.get(key.replace(".lora_A.", ".lora_B.")), model.shapes.get(lora_target(key))
+            if not (w and b and len(a) == len(b) == len(w) == 2 and a[1] == w[1] and b[0] == w[0] and a[0] == b[1]):
+                bad.append(f"{lora_target(key)}: lora_A {list(a)}, lora_B {list(b) if b else None}, "
+                           f"base {list(w) if w else 'no such tensor'}")
+    if bad:
+        return [f"{shown(path)}: {len(bad)} LoRA pair(s) do not fit the base model's weights, e.g. {bad[0]}: "
+                f"an adapter of another base model (its folder's config.json names the model_dir it was trained on)"]
+    return [] if any(".lora_A." in k for k in shapes) else [f"{shown(path)}: holds no LoRA tensors"]
+
+
+def check_adapter(folder, model, what, stage=None):
+    """Stop unless `folder` is a finished adapter (COMPLETE.json lists the adapter files, every
+    hash verifies) whose LoRA shapes fit `model`. `what` starts the message; `stage` the fix."""
+    fix = (f"run `make {stage}` first (a damaged one: delete it, rm -r {shown(folder)}, and the stage rebuilds "
+           f"it from its newest checkpoint)" if stage else "point to a finished adapter folder (<stage>/final)")
+    problems = verify_checkpoint(folder, ADAPTER_FILES)
+    if problems:
+        sys.exit(f"{what}: {shown(folder)} is not a complete, intact adapter:\n  " + "\n  ".join(problems) + f"\n{fix}")
+    problems = lora_shape_problems(folder, model)
+    if problems:
+        sys.exit(f"{what}: {shown(folder)} does not fit the base model:\n  " + "\n  ".join(problems))
+
+
+# Files each reader takes from a folder: every one must be listed (hashed) in its COMPLETE.json,
+# or the folder is not usable for that purpose (a file the save never wrote is never trusted).
+ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json")  # merge.py, chat.py, dpo.py's SFT adapter
+FINAL_FILES = ADAPTER_FILES + ("config.json", "summary.json")  # a stage's final/ (eval.py reads all four)
+RESUME_FILES = ("adapter_model.safetensors", "optimizer.safetensors", "optimizer.json", "rng.safetensors",
+                "trainer_state.json")  # find_resume + load_training_state
+
+
+def is_complete(folder, fix=None, need=FINAL_FILES, full=True):
+    """Is a stage's output done? False while `folder` has no COMPLETE.json (not built yet, or
+    interrupted: the stage builds it); True once the marker and every file it lists verify. A
+    marker over damaged files stops the run with `fix`: a truncated adapter must never count as
+    "already complete", nor reach the next stage.
+    full: sha256 of every file, not only sizes. Adapters are hashed: 13B at r=128 is 0.5B fp32
+    params = 2 GB, ~1-2 s at sha256's ~1.8 GB/s, cheap next to what reads them. A merged model
+    (26 GB: minutes) is checked by sizes, and its shards' headers by check_base_model."""
+    if not (Path(folder) / "COMPLETE.json").is_file():
+        return False
+    problems = verify_checkpoint(folder, need, full)
+    if problems:
+        sys.exit(f"{shown(folder)} is marked complete but damaged:\n  " + "\n  ".join(problems) + "\n"
+                 + (fix or f"delete it (rm -r {shown(folder)}) and re-run the same command: a stage without "
+                            f"final/ rebuilds it from its newest checkpoint"))
+    return True
 
 
 def pick_device():
@@ -657,15 +916,20 @@ def stage_data(stage_out_dir, stage):
     """The exact prepared tensors a finished stage used (for eval.py): looked up in the data cache
     by the key in its data_report.json, and accepted only if their digest is the one it trained on."""
     out = Path(stage_out_dir)
-    report = json.loads((out / "data_report.json").read_text())
-    cfg = json.loads((out / "config.json").read_text())
+    rebuild = f"python {stage}.py --prepare_only --preset ... (the flags in {out / 'config.json'})"
+    files = {}
+    for name in ("data_report.json", "config.json", "final/summary.json"):
+        try:
+            files[name] = read_json(out / name)
+        except BadFile as e:
+            sys.exit(f"{shown(out / name)}: {e}; rewrite it (seconds, no training) with the run's settings: {rebuild}")
+    report, cfg = files["data_report.json"], files["config.json"]
     # the digest the FINAL adapter was trained on (a later --prepare_only may have rewritten the report)
-    want = json.loads((out / "final/summary.json").read_text()).get("data_digest", report.get("data_digest"))
+    want = files["final/summary.json"].get("data_digest", report.get("data_digest"))
     hit = load_cached(cfg.get("cache_dir"), report.get("cache_key"))
     if hit is None or data_digest(hit[0]) != want:
         sys.exit(f"the prepared data of {out} is not in its cache ({cfg.get('cache_dir') or 'cache off'}); "
-                 f"rebuild it (seconds, no training) with the run's settings: "
-                 f"python {stage}.py --prepare_only --preset ... (the flags in {out / 'config.json'})")
+                 f"rebuild it (seconds, no training) with the run's settings: {rebuild}")
     return hit[0], report, cfg
 
 
@@ -813,12 +1077,21 @@ def adapter_files(model, name):
 
 
 def load_adapter_weights(model, name, folder):
-    from peft import set_peft_model_state_dict
-    result = set_peft_model_state_dict(model, load_file(str(Path(folder) / "adapter_model.safetensors")),
-                                       adapter_name=name)
-    unexpected = getattr(result, "unexpected_keys", [])
-    if unexpected:
-        sys.exit(f"{folder}: adapter has tensors this model does not: {unexpected[:3]}")
+    """Adapter `name` from folder/adapter_model.safetensors, its tensor names and shapes checked
+    against the model first (from the header): peft loads a partial state dict without a word
+    (a missing tensor keeps its fresh init) and a wrong shape fails deep inside torch."""
+    from peft import get_peft_model_state_dict, set_peft_model_state_dict
+    path = Path(folder) / "adapter_model.safetensors"
+    want = {k: tuple(v.shape) for k, v in get_peft_model_state_dict(model, adapter_name=name).items()}
+    try:
+        have, _ = safetensors_header(path)
+        diff = [f"{k}: file {list(have[k]) if k in have else 'none'}, model {list(want[k]) if k in want else 'none'}"
+                for k in sorted(want.keys() | have.keys()) if have.get(k) != want.get(k)]
+        if diff:
+            raise BadFile(f"{len(diff)} tensor(s) do not fit this model's {name} adapter, e.g. {diff[0]}")
+    except BadFile as e:
+        cannot_resume(folder, path, e)
+    set_peft_model_state_dict(model, load_file(str(path)), adapter_name=name)
 
 
 def trainable_parameters(model):
@@ -1056,10 +1329,11 @@ class AtomicFolder:
         _fsync_path(self.folder.parent)
 
 
-def write_checkpoint(folder, tensor_files, json_files):
-    """Atomically create `folder` from {"x.safetensors": {key: tensor}} and {"y.json": obj}.
-    A NaN/inf tensor is refused before anything is written (check_health stops a diverging
-    run earlier; this guards every other way a non-finite value could reach a checkpoint)."""
+def write_checkpoint(folder, tensor_files, json_files, metadata=None):
+    """Atomically create `folder` from {"x.safetensors": {key: tensor}} and {"y.json": obj};
+    `metadata` ({str: str}) goes into every safetensors header. A NaN/inf tensor is refused
+    before anything is written (check_health stops a diverging run earlier; this guards every
+    other way a non-finite value could reach a checkpoint)."""
     for name, tensors in tensor_files.items():
         bad = next((k for k, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()), None)
         if bad is not None:
@@ -1067,7 +1341,7 @@ def write_checkpoint(folder, tensor_files, json_files):
                      + _diverged_advice(["a lower --lr", "--grad_clip > 0", "a smaller --beta (DPO)"]))
     with AtomicFolder(folder) as tmp:
         for name, tensors in tensor_files.items():
-            save_file(tensors, str(tmp / name))
+            save_file(tensors, str(tmp / name), metadata=metadata)
             _fault("mid_write")
             _fault("enospc")
         for name, obj in json_files.items():
@@ -1082,40 +1356,137 @@ def save_training_state(folder, model, adapter, optimizer, state):
     opt_tensors, opt_meta = flatten_optimizer(optimizer)
     rng_tensors, rng_meta = rng_state()
     tensors |= {"optimizer.safetensors": opt_tensors, "rng.safetensors": rng_tensors}
-    jsons |= {"optimizer.json": opt_meta, "trainer_state.json": dict(state, rng=rng_meta)}
-    write_checkpoint(folder, tensors, jsons)
+    # one random id per save, in every file, binds them together (see resume_problems);
+    # secrets draws from the OS, so no RNG stream of the run moves
+    bind = {"checkpoint_id": secrets.token_hex(8), "step": str(state["step"])}
+    jsons |= {"optimizer.json": opt_meta,
+              "trainer_state.json": dict(state, rng=rng_meta, checkpoint_id=bind["checkpoint_id"])}
+    write_checkpoint(folder, tensors, jsons, metadata=bind)
     _run["checkpoint"] = Path(folder)  # what an interrupt or a later failure names as the last good one
 
 
 def load_training_state(folder, model, adapter, optimizer):
-    """Inverse of save_training_state; returns the JSON state. Nothing goes through pickle."""
+    """Inverse of save_training_state; returns the JSON state. Nothing goes through pickle, and
+    nothing is loaded before its names and shapes are checked against this model."""
     phase("checkpoint load")
     folder = Path(folder)
     load_adapter_weights(model, adapter, folder)
-    meta = json.loads((folder / "optimizer.json").read_text())
-    optimizer.load_state_dict(unflatten_optimizer(load_file(str(folder / "optimizer.safetensors")), meta))
+    path = folder / "optimizer.json"
+    try:
+        meta = read_json(path)
+        path = folder / "optimizer.safetensors"
+        names = [n for n, p in model.named_parameters() if p.requires_grad]  # make_optimizer's order
+        state_dict = checked_optimizer_state(optimizer, load_file(str(path)), meta, names)
+    except BadFile as e:
+        cannot_resume(folder, path, e)
+    optimizer.load_state_dict(state_dict)
     state = json.loads((folder / "trainer_state.json").read_text())
     set_rng_state(load_file(str(folder / "rng.safetensors")), state["rng"])
     return state
 
 
-def verify_checkpoint(folder):
+def cannot_resume(folder, path, why):
+    sys.exit(f"cannot resume from {shown(folder)}: {shown(path)}: {why}\n"
+             f"this checkpoint does not fit the model built now. Move it aside (mv {shown(folder)} "
+             f"{shown(folder)}.bad) to resume from the one before it, or use a new --output_dir to start afresh")
+
+
+def checked_optimizer_state(optimizer, tensors, meta, names):
+    """The saved optimizer state (unflatten_optimizer) after checking it against the parameters
+    it is about to be loaded into: torch's and bitsandbytes' load_state_dict compare only the
+    group sizes, so moments of another shape load and fail (or broadcast) at the first step, and
+    moments of another dtype are silently cast. BadFile names the parameter."""
+    try:
+        sd = unflatten_optimizer(tensors, meta)
+        saved = [len(g["params"]) for g in sd["param_groups"]]
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise BadFile(f"not an optimizer state this code wrote ({type(e).__name__}: {e})") from None
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    if saved != [len(g["params"]) for g in optimizer.param_groups] or sorted(sd["state"]) != list(range(len(params))):
+        raise BadFile(f"holds state for {len(sd['state'])} parameters in groups of {saved}; this model trains "
+                      f"{len(params)} in groups of {[len(g['params']) for g in optimizer.param_groups]}")
+    for i, p in enumerate(params):
+        for key, v in sd["state"][i].items():
+            # torch AdamW: exp_avg(_sq) shaped and typed like the parameter; bitsandbytes:
+            # state1/2 shaped like it, uint8 (8-bit) or fp32 (small tensors)
+            dtypes = (p.dtype,) if key.startswith("exp_avg") else (torch.uint8, torch.float32)
+            if key in ("exp_avg", "exp_avg_sq", "state1", "state2") and (
+                    not torch.is_tensor(v) or v.shape != p.shape or v.dtype not in dtypes):
+                got = f"{list(v.shape)} {v.dtype}" if torch.is_tensor(v) else repr(v)[:40]
+                raise BadFile(f"{key} of {names[i]} is {got}, the parameter is {list(p.shape)} {p.dtype}")
+    return sd
+
+
+def marker_files(folder):
+    """COMPLETE.json's {file name: {"sha256", "bytes"}}, as AtomicFolder writes it, or BadFile:
+    `null`, a list, "files" as a list or an empty map, a non-hex hash, a name with a path in it
+    (it would check a file outside the folder) are a corrupt marker, never a traceback."""
+    files = read_json(Path(folder) / "COMPLETE.json").get("files")
+    if not isinstance(files, dict) or not files:
+        raise BadFile(f'needs a non-empty "files" map of file name -> {{"sha256", "bytes"}}, has {json.dumps(files)[:60]}')
+    for name, want in files.items():
+        sha, size = (want.get("sha256"), want.get("bytes")) if isinstance(want, dict) else (None, None)
+        if (Path(name).name != name or name in ("", ".", "..") or not isinstance(sha, str) or len(sha) != 64
+                or set(sha) - set("0123456789abcdef") or type(size) is not int or size < 0):
+            raise BadFile(f'entry {json.dumps(name)[:60]}: {json.dumps(want)[:100]} is not '
+                          f'{{"sha256": 64 hex digits, "bytes": size}} of a file in the folder')
+    return files
+
+
+def verify_checkpoint(folder, need=(), full=True):
     """Return a list of problems (empty = good) by checking every file against the hashes
-    recorded in COMPLETE.json: a truncated or flipped-bit tensor file is named, never used."""
+    recorded in COMPLETE.json: a truncated or flipped-bit tensor file is named, never used.
+    need: files the caller will read, which must be listed too. full=False: sizes only."""
     folder = Path(folder)
-    if not is_complete(folder):
+    if not (folder / "COMPLETE.json").is_file():
         return [f"{folder}: no COMPLETE.json (the save was interrupted)"]
     try:
-        files = json.loads((folder / "COMPLETE.json").read_text())["files"]
-    except (json.JSONDecodeError, KeyError) as e:
-        return [f"{folder}/COMPLETE.json unreadable: {e}"]
-    problems = []
+        files = marker_files(folder)
+    except BadFile as e:
+        return [f"{folder}/COMPLETE.json: corrupt marker: {e}"]
+    problems = [f"{folder / n}: not listed in COMPLETE.json, so never verified (it is not from this save)"
+                for n in need if n not in files]
     for name, want in files.items():
         p = folder / name
         if not p.is_file():
             problems.append(f"{p}: missing")
-        elif p.stat().st_size != want["bytes"] or sha256_file(p) != want["sha256"]:
-            problems.append(f"{p}: contents do not match the sha256 recorded at save time (corrupt or truncated)")
+        elif p.stat().st_size != want["bytes"] or (full and sha256_file(p) != want["sha256"]):
+            problems.append(f"{p}: contents do not match the sha256 recorded at save time (corrupt or truncated: "
+                            f"{p.stat().st_size:,} bytes, {want['bytes']:,} when saved)")
+    return problems
+
+
+def resume_problems(folder):
+    """verify_checkpoint for a resume (every file it reads listed and intact) + the binding of
+    the files. Hashes prove each file is the one COMPLETE.json lists, not that the files belong
+    together: an optimizer state of the same shapes copied in from another run, with
+    COMPLETE.json rewritten, would resume silently with foreign moments. So every save draws a
+    random checkpoint_id and writes it, with the step, into each safetensors header and into
+    trainer_state.json; all must agree. Per save, not per run: a file of another step of the
+    same run is caught too."""
+    folder = Path(folder)
+    problems = verify_checkpoint(folder, RESUME_FILES)
+    if problems:
+        return problems
+    try:
+        state = read_json(folder / "trainer_state.json")
+        if not (type(state.get("step")) is int and isinstance(state.get("history"), list)
+                and isinstance(state.get("config"), dict) and isinstance(state.get("rng"), dict)):
+            raise BadFile("lacks the step, history, config or rng of a training state")
+    except BadFile as e:
+        return [f"{folder / 'trainer_state.json'}: {e}"]
+    if "checkpoint_id" not in state:  # saved before checkpoints carried ids (a run begun on older code)
+        print(f"note: {folder.name} predates checkpoint ids: its files are checked by their hashes only")
+        return []
+    want = (state["checkpoint_id"], str(state["step"]))
+    for name in ("adapter_model.safetensors", "optimizer.safetensors", "rng.safetensors"):
+        try:
+            got = tuple(safetensors_header(folder / name)[1].get(k) for k in ("checkpoint_id", "step"))
+        except BadFile as e:
+            got = str(e)
+        if got != want:
+            problems.append(f"{folder / name}: not written by the save of trainer_state.json (checkpoint_id, "
+                            f"step: {got} here, {want} there): copied in from another run or step")
     return problems
 
 
@@ -1124,14 +1495,21 @@ def step_folders(output_dir):
 
 
 def latest_checkpoint(output_dir):
-    """Newest step folder that verifies; incomplete or corrupt ones are reported and skipped."""
+    """Newest step folder a resume can use; incomplete, corrupt or mismatched ones are reported
+    and skipped, and a fall-back to an older one is said out loud."""
     for tmp in sorted(Path(output_dir).glob("*.tmp")):
         print(f"ignoring incomplete save {tmp.name} (interrupted while writing; it is replaced by the next save)")
+    skipped = []
     for folder in reversed(step_folders(output_dir)):
-        problems = verify_checkpoint(folder)
+        problems = resume_problems(folder)
         if not problems:
+            if skipped:
+                print(f"resuming from {folder.name}, the newest checkpoint that verifies (skipped: {', '.join(skipped)})")
             return folder
         print("skipping checkpoint: " + "; ".join(problems))
+        skipped.append(folder.name)
+    if skipped:
+        print(f"no checkpoint in {output_dir} verifies: starting from step 0 (the damaged ones are replaced as the run passes them)")
     return None
 
 

@@ -38,7 +38,7 @@ dist = common.Distributed()  # NPROC > 1 (make train NPROC=N): one process per G
 print_config(cfg)
 out_dir, final_dir = resolve(cfg.output_dir), resolve(cfg.output_dir) / "final"
 resume_cmd = " ".join(["python"] + sys.argv) if dist.world == 1 else f"make train NPROC={dist.world} (same flags)"
-if common.is_complete(final_dir) and not prepare_only:
+if not prepare_only and common.is_complete(final_dir):  # hashes verified: a damaged final/ stops here, named
     print(f"dpo: already complete ({cfg.output_dir}/final): nothing to do. "
           f"Use a new --output_dir (or delete that folder) to train again.")
     sys.exit(0)
@@ -47,9 +47,11 @@ subsets = cfg.subsets.split(",")
 data_files = {split: [resolve(cfg.data_dir) / s / f"{split}.jsonl.gz" for s in subsets] for split in ("train", "test")}
 fix = "python demo_assets.py" if "demo" in cfg.model_dir else "make download-datasets-and-models"
 common.require_files(common.model_files(cfg.model_dir) + data_files[cfg.split] + data_files["test"], fix)
-if not prepare_only and not common.is_complete(resolve(cfg.sft_dir)):
-    # a stage never starts from an upstream stage's incomplete output
-    sys.exit(f"{cfg.sft_dir} is not a complete SFT adapter (no COMPLETE.json): run `make sft` first")
+# config.json, every shard's header and tokenizer.model against each other, no weight loaded
+base = common.check_base_model(cfg.model_dir, training=not prepare_only, lengths={"max_len": cfg.max_len})
+if not prepare_only:
+    # a stage never starts from an upstream stage's incomplete or damaged output (hashes, shapes)
+    common.check_adapter(resolve(cfg.sft_dir), base, "dpo starts from the SFT adapter", "sft")
 ckpt = common.find_resume(out_dir, cfg)  # before any heavy work: a mismatch costs a second
 out_dir.mkdir(parents=True, exist_ok=True)
 common.save_json(out_dir / "config.json", to_dict(cfg))

@@ -75,7 +75,7 @@ common.require_output_dirs(cfg, "output_dir", whole=True)
 for stage, folder in (("sft", sft_dir), ("dpo", dpo_dir)):
     if not folder.is_dir():
         sys.exit(f"cannot evaluate: no {stage} adapter at {folder}; run `make {stage}` first")
-    problems = common.verify_checkpoint(folder)  # hashes: never report numbers of a half-written adapter
+    problems = common.verify_checkpoint(folder, common.FINAL_FILES)  # hashes: never report numbers of a half-written adapter
     if problems:
         sys.exit(f"cannot evaluate: the {stage} adapter is not complete and intact ({'; '.join(problems)}); "
                  f"run `make {stage}` first")
@@ -102,6 +102,11 @@ inherited = {
 print("inherited from the adapters' config.json:\n" + json.dumps(inherited, indent=2))
 common.require_files(common.model_files(sft_cfg.model_dir),
                      "python demo_assets.py" if "demo" in sft_cfg.model_dir else "make download-datasets-and-models")
+# the base's files against each other, then the (verified) adapters' shapes against it: before any heavy work
+base = common.check_base_model(sft_cfg.model_dir)
+for stage, folder in (("sft", sft_dir), ("dpo", dpo_dir)):
+    if problems := common.lora_shape_problems(folder, base):
+        sys.exit(f"cannot evaluate: the {stage} adapter does not fit {sft_cfg.model_dir}: {'; '.join(problems)}")
 tok = Tokenizer(sft_cfg.model_dir)
 
 # -----------------------------------------------------------------------------

@@ -28,16 +28,18 @@ from config import ASSISTANT, HUMAN, TURN_SEP, MergeConfig, parse_args, print_co
 cfg = parse_args(MergeConfig, sys.argv[1:])
 print_config(cfg)
 base_dir, out_dir = resolve(cfg.model_dir), resolve(cfg.output_dir)
-if common.is_complete(out_dir):
+# sizes of every file, not hashes (26 GB: minutes); a damaged merge is named, never "complete"
+if common.is_complete(out_dir, f"delete it (rm -r {cfg.output_dir}) and re-run `make merge`",
+                      need=("config.json", "tokenizer.model", "model.safetensors.index.json"), full=False):
     print(f"merge: already complete ({cfg.output_dir}): nothing to do")
     sys.exit(0)
 common.require_output_dirs(cfg, "output_dir", whole=True)
 common.require_files(common.model_files(cfg.model_dir), "make download-datasets-and-models")
+# the base's config, shard headers (a truncated shard is named here, before any output) and tokenizer
+base = common.check_base_model(cfg.model_dir)
 for stage, folder in (("sft", cfg.sft_dir), ("dpo", cfg.dpo_dir)):
-    problems = common.verify_checkpoint(resolve(folder))  # hashes: never merge a corrupt adapter
-    if problems:
-        sys.exit(f"cannot merge: the {stage} adapter is not complete and intact ({'; '.join(problems)}); "
-                 f"run `make {stage}` first")
+    # hashes: never merge a corrupt adapter; shapes: never one of another base
+    common.check_adapter(resolve(folder), base, f"cannot merge the {stage} adapter", stage)
 
 # -----------------------------------------------------------------------------
 # The low-rank deltas, keyed by the base tensor they modify.
@@ -52,18 +54,11 @@ for folder in (cfg.sft_dir, cfg.dpo_dir):
     for key, a in tensors.items():
         if ".lora_A." not in key:
             continue
-        # base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight -> model.layers.0.self_attn.q_proj.weight
-        target = key.removeprefix("base_model.model.").replace(".lora_A.weight", ".weight")
         b = tensors[key.replace(".lora_A.", ".lora_B.")]
-        deltas.setdefault(target, []).append((scale, b, a))
+        deltas.setdefault(common.lora_target(key), []).append((scale, b, a))
 print(f"adapters: {len(deltas)} base tensors receive a low-rank update")
 
-index_path = base_dir / "model.safetensors.index.json"
-if index_path.is_file():
-    shard_names = sorted(set(json.loads(index_path.read_text())["weight_map"].values()))
-else:
-    shard_names = ["model.safetensors"]
-common.require_files([base_dir / s for s in shard_names], "make download-datasets-and-models")
+shard_names = base.shards  # from the index (or the one model.safetensors), each checked above
 
 # -----------------------------------------------------------------------------
 # Stream: one base tensor in, merged, into the current output shard; flush at max_shard_gb.

@@ -32,7 +32,7 @@ dist = common.Distributed()  # NPROC > 1 (make train NPROC=N): one process per G
 print_config(cfg)
 out_dir, final_dir = resolve(cfg.output_dir), resolve(cfg.output_dir) / "final"
 resume_cmd = " ".join(["python"] + sys.argv) if dist.world == 1 else f"make train NPROC={dist.world} (same flags)"
-if common.is_complete(final_dir) and not prepare_only:
+if not prepare_only and common.is_complete(final_dir):  # hashes verified: a damaged final/ stops here, named
     print(f"sft: already complete ({cfg.output_dir}/final): nothing to do. "
           f"Use a new --output_dir (or delete that folder) to train again.")
     sys.exit(0)
@@ -40,6 +40,9 @@ common.require_output_dirs(cfg, "output_dir", "cache_dir")
 data_path = resolve(cfg.data_dir) / "instructions.jsonl"
 fix = "python demo_assets.py" if "demo" in cfg.model_dir else "make download-datasets-and-models"
 common.require_files(common.model_files(cfg.model_dir) + [data_path], fix)
+# config.json, every shard's header and tokenizer.model against each other, no weight loaded:
+# a damaged file costs a second here, not a traceback after the data preparation
+common.check_base_model(cfg.model_dir, training=not prepare_only, lengths={"max_seq_len": cfg.max_seq_len})
 ckpt = common.find_resume(out_dir, cfg)  # before any heavy work: a mismatch costs a second
 out_dir.mkdir(parents=True, exist_ok=True)
 common.save_json(out_dir / "config.json", to_dict(cfg))
