@@ -8,14 +8,14 @@ length mix. CPU only, no model, no download.
     python bench_data.py --scale 0.1        # a 10% run, for a quick look
 
 Inputs are synthetic but shaped like the real thing, and written in the real on-disk formats:
-  hh-rlhf   the 200 real rows of ../shared/fixtures (or the demo's rows when that folder is
+  hh-rlhf   the 200 real rows of tests/fixtures (or the demo's rows when that folder is
             absent) repeated to the real subset sizes, 42,537 + 43,835 + 22,007 + 52,421 =
             160,800 train pairs, gzipped as upstream. Each copy gets a distinct number appended
             to its text so nothing is trivially identical.
   airoboros records whose token lengths follow a mix by category (see AIROBOROS_MIX: counts
             and (min, max) lengths per category are an assumption modelled on the dataset's
             categories, not a measurement of it: the real file cannot be fetched here).
-Tokenizer: the real Llama-2 tokenizer from ../shared/fixtures if present, else the demo one.
+Tokenizer: the real Llama-2 tokenizer from tests/fixtures if present, else the demo one.
 Results: printed as a table and written to bench_data.json (machine, date, command, figures).
 """
 
@@ -36,7 +36,7 @@ from pathlib import Path
 from config import LLAMA2_13B_CONFIG
 
 ROOT = Path(__file__).resolve().parent
-FIXTURES = ROOT.parent / "shared" / "fixtures"
+FIXTURES = ROOT / "tests" / "fixtures"  # ship with the repo (licences: tests/fixtures/NOTICE)
 HH_TRAIN_ROWS = {"harmless-base": 42537, "helpful-base": 43835, "helpful-online": 22007,
                  "helpful-rejection-sampled": 52421}  # the real train sizes (REFERENCE.md)
 
@@ -70,7 +70,7 @@ else:
     subprocess.run([sys.executable, str(ROOT / "demo_assets.py"), "--out", str(work / "demo")], check=True,
                    stdout=subprocess.DEVNULL)
     shutil.copy(work / "demo/models/demo-llama/tokenizer.model", model_dir / "tokenizer.model")
-    tokenizer_name = "demo 512-piece BPE (../shared absent)"
+    tokenizer_name = "demo 512-piece BPE (tests/fixtures absent)"
 (model_dir / "config.json").write_text(json.dumps(LLAMA2_13B_CONFIG))  # sizes the hours estimate
 
 # -----------------------------------------------------------------------------

@@ -181,6 +181,8 @@ def require_output_dirs(cfg, *names, whole=False):
                 sys.exit(f"{where}: {p if p.exists() else q} is a file, not a folder; choose another --{name}")
             tempfile.TemporaryFile(dir=q).close()  # a real write: permissions, read-only disks, /proc
         except OSError as e:
+            if _disk_full(e):  # the same line as a full disk anywhere later
+                sys.exit(write_error(p, e))
             sys.exit(f"{where}: cannot write in {q} ({e.strerror}); choose another --{name} or fix its permissions")
 
 
@@ -635,8 +637,20 @@ def render_example(tok, ids, labels, width=600):
 def write_examples(path, examples, tok, n_print=3):
     """examples: dicts with "where" and either input_ids/labels (SFT) or chosen/rejected holding
     them (DPO). Written as JSON (labels -100 where untrained, the HF convention); the first
-    n_print are printed with the trained tokens marked."""
-    save_json(path, examples)
+    n_print are printed with the trained tokens marked. Streamed, one compact example per line
+    (still one JSON list): `--show_examples all` on 160k pairs is ~240M ids, which an indented
+    json.dumps would first build as one string of several GB."""
+    tmp = Path(f"{path}.{os.getpid()}.tmp")
+    with writing(path):
+        try:
+            with open(tmp, "w") as f:
+                f.write("[\n")
+                for i, ex in enumerate(examples):
+                    f.write((",\n" if i else "") + json.dumps(ex, separators=(",", ":")))
+                f.write("\n]\n")
+            tmp.replace(path)
+        finally:
+            tmp.unlink(missing_ok=True)  # a full disk leaves no half-written file behind
     for ex in examples[:n_print]:
         for side in ("chosen", "rejected") if "chosen" in ex else (None,):
             e = ex[side] if side else ex
@@ -1321,8 +1335,14 @@ class AtomicFolder:
         if self.folder.exists():  # e.g. a rewritten final/: swap in, then delete the old one
             old = self.folder.with_name(self.folder.name + ".old")
             shutil.rmtree(old, ignore_errors=True)
-            self.folder.rename(old)
-            self.tmp.rename(self.folder)
+            # no Ctrl+C between the two renames: it would leave neither the old folder nor the new
+            # one under the name (a signal that arrives now is delivered right after them)
+            blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+            try:
+                self.folder.rename(old)
+                self.tmp.rename(self.folder)
+            finally:
+                signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
             shutil.rmtree(old)
         else:
             self.tmp.rename(self.folder)
@@ -1406,7 +1426,12 @@ def checked_optimizer_state(optimizer, tensors, meta, names):
         raise BadFile(f"holds state for {len(sd['state'])} parameters in groups of {saved}; this model trains "
                       f"{len(params)} in groups of {[len(g['params']) for g in optimizer.param_groups]}")
     for i, p in enumerate(params):
-        for key, v in sd["state"][i].items():
+        # bitsandbytes nests its moments one level down (state1/2 + qmaps + absmax)
+        state = sd["state"][i]
+        state = state.get("__bnb_optimizer_quant_state__", state) if isinstance(state, dict) else state
+        if not isinstance(state, dict):
+            raise BadFile(f"the state of {names[i]} is not a mapping")
+        for key, v in state.items():
             # torch AdamW: exp_avg(_sq) shaped and typed like the parameter; bitsandbytes:
             # state1/2 shaped like it, uint8 (8-bit) or fp32 (small tensors)
             dtypes = (p.dtype,) if key.startswith("exp_avg") else (torch.uint8, torch.float32)
@@ -1513,9 +1538,12 @@ def latest_checkpoint(output_dir):
     return None
 
 
-def prune_checkpoints(output_dir, keep_last):
-    """Delete the oldest step folders beyond keep_last; called only after a newer one is complete."""
-    folders = step_folders(output_dir)
+def prune_checkpoints(output_dir, keep_last, step):
+    """Delete the oldest step folders beyond keep_last; called only after step `step` is complete.
+    Only folders up to `step` count: after a resume fell back past damaged newer folders, those
+    are not "the newest" (counting them would delete the good ones); the run replaces each when
+    it saves that step again."""
+    folders = [f for f in step_folders(output_dir) if int(f.name[5:]) <= step]
     for old in folders[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
 

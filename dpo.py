@@ -39,14 +39,18 @@ print_config(cfg)
 out_dir, final_dir = resolve(cfg.output_dir), resolve(cfg.output_dir) / "final"
 resume_cmd = " ".join(["python"] + sys.argv) if dist.world == 1 else f"make train NPROC={dist.world} (same flags)"
 if not prepare_only and common.is_complete(final_dir):  # hashes verified: a damaged final/ stops here, named
-    print(f"dpo: already complete ({cfg.output_dir}/final): nothing to do. "
+    print(f"dpo: already complete ({cfg.output_dir}/final): nothing to train. "
           f"Use a new --output_dir (or delete that folder) to train again.")
-    sys.exit(0)
+    if not show:
+        sys.exit(0)
+    prepare_only = True  # --show_examples on a finished run: prepare (a cache hit) and show, no training
 common.require_output_dirs(cfg, "output_dir", "cache_dir")
 subsets = cfg.subsets.split(",")
 data_files = {split: [resolve(cfg.data_dir) / s / f"{split}.jsonl.gz" for s in subsets] for split in ("train", "test")}
 fix = "python demo_assets.py" if "demo" in cfg.model_dir else "make download-datasets-and-models"
-common.require_files(common.model_files(cfg.model_dir) + data_files[cfg.split] + data_files["test"], fix)
+# the test split is read only for the held-out set: --eval_pairs 0 trains without it, even if it is missing
+inputs = data_files[cfg.split] + (data_files["test"] if cfg.split == "train" and cfg.eval_pairs > 0 else [])
+common.require_files(common.model_files(cfg.model_dir) + inputs, fix)
 # config.json, every shard's header and tokenizer.model against each other, no weight loaded
 base = common.check_base_model(cfg.model_dir, training=not prepare_only, lengths={"max_len": cfg.max_len})
 if not prepare_only:
@@ -64,8 +68,8 @@ tok = Tokenizer(cfg.model_dir)
 
 
 def read_pairs(paths, report, limit=None):
-    """-> [(where, chosen_ids, chosen_labels, rejected_ids, rejected_labels, untruncated length)] in
-    file order.
+    """-> [(where, chosen_ids, chosen_labels, rejected_ids, rejected_labels, untruncated length,
+    truncated)] in file order.
     `limit` stops after that many kept pairs (--show_examples N): the same code path as training."""
     raw = []
     for path in paths:
@@ -111,9 +115,9 @@ def read_pairs(paths, report, limit=None):
         if c_ids == r_ids:
             report.drop("identical after truncation", where)
             continue
-        report.truncated += c_cut or r_cut
-        # + the longer side's untruncated length, for the report's percentiles (of kept pairs only)
-        pairs.append((where, c_ids, c_lab, r_ids, r_lab, 1 + len(p) + max(len(c), len(r)) + 1))
+        # + the longer side's untruncated length and whether a side was cut, for the report (which
+        # counts the pairs actually used: the max_pairs sample, not every pair that passed the filters)
+        pairs.append((where, c_ids, c_lab, r_ids, r_lab, 1 + len(p) + max(len(c), len(r)) + 1, c_cut or r_cut))
         if limit is not None and len(pairs) == limit:
             break
     return pairs
@@ -140,6 +144,7 @@ def prepare_data():
     for rep, ps in ((report, pairs), (eval_report, eval_pairs if cfg.split != "test" else [])):
         rep.kept = len(ps)
         rep.lengths_before = [p[4] for p in ps]  # percentiles over the pairs actually used
+        rep.truncated = sum(p[5] for p in ps)
         rep.lengths_after = [max(len(p[0]), len(p[2])) for p in ps]
     report.extra = {"train_pairs": len(pairs), "eval_pairs": len(eval_pairs),
                     "tokens_per_pair_mean": round(sum(len(p[0]) + len(p[2]) for p in pairs) / max(len(pairs), 1), 1)}
@@ -153,7 +158,7 @@ def prepare_data():
 
 
 data_key = common.data_fingerprint(
-    [f for split in (cfg.split, "test") for f in data_files[split]] + [resolve(cfg.model_dir) / "tokenizer.model"],
+    inputs + [resolve(cfg.model_dir) / "tokenizer.model"],
     {k: getattr(cfg, k) for k in ("subsets", "split", "seed", "max_pairs", "eval_pairs", "max_len",
                                   "max_prompt_len", "max_bad_fraction")}
     | {"tokenization": common.TOKENIZATION_VERSION})
@@ -187,7 +192,7 @@ if show and dist.main:
     shown = read_pairs(files, DataReport("examples"), limit=None if show == "all" else show)
     common.write_examples(out_dir / "examples.json", [
         {"where": w, "chosen": {"input_ids": c, "labels": cl}, "rejected": {"input_ids": r, "labels": rl}}
-        for w, c, cl, r, rl, _ in shown], tok)
+        for w, c, cl, r, rl, *_ in shown], tok)
 if prepare_only:
     print(f"data report written to {cfg.output_dir}/data_report.json")
     sys.exit(0)
@@ -271,7 +276,7 @@ def save(folder):
             "step": step, "total_steps": total_steps, "pairs_consumed": step * pairs_per_step,
             "epoch": step * pairs_per_step / len(pairs), "history": log.history, "config": to_dict(cfg),
             "data_digest": data_hash, "world_size": dist.world})
-        common.prune_checkpoints(out_dir, cfg.keep_last)
+        common.prune_checkpoints(out_dir, cfg.keep_last, step)
     dist.barrier()
 
 

@@ -33,9 +33,11 @@ print_config(cfg)
 out_dir, final_dir = resolve(cfg.output_dir), resolve(cfg.output_dir) / "final"
 resume_cmd = " ".join(["python"] + sys.argv) if dist.world == 1 else f"make train NPROC={dist.world} (same flags)"
 if not prepare_only and common.is_complete(final_dir):  # hashes verified: a damaged final/ stops here, named
-    print(f"sft: already complete ({cfg.output_dir}/final): nothing to do. "
+    print(f"sft: already complete ({cfg.output_dir}/final): nothing to train. "
           f"Use a new --output_dir (or delete that folder) to train again.")
-    sys.exit(0)
+    if not show:
+        sys.exit(0)
+    prepare_only = True  # --show_examples on a finished run: prepare (a cache hit) and show, no training
 common.require_output_dirs(cfg, "output_dir", "cache_dir")
 data_path = resolve(cfg.data_dir) / "instructions.jsonl"
 fix = "python demo_assets.py" if "demo" in cfg.model_dir else "make download-datasets-and-models"
@@ -220,7 +222,7 @@ def save(folder):
             "step": step, "total_steps": total_steps, "rows_consumed": step * rows_per_step,
             "epoch": step * rows_per_step / len(train_ids), "history": log.history, "config": to_dict(cfg),
             "data_digest": data_hash, "world_size": dist.world})
-        common.prune_checkpoints(out_dir, cfg.keep_last)
+        common.prune_checkpoints(out_dir, cfg.keep_last, step)
     dist.barrier()
 
 

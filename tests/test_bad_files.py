@@ -454,7 +454,7 @@ def test_unreadable_stage_report_is_named(run_copy, capsys):
         common.stage_data(run_copy, "sft")
     msg = str(e.value)
     assert msg.startswith(f"{run_copy / 'data_report.json'}: not valid JSON")
-    assert "python sft.py --prepare-only" in msg
+    assert "python sft.py --prepare_only" in msg
 
 
 # -----------------------------------------------------------------------------
@@ -584,3 +584,30 @@ def test_real_13b_layout_passes_in_milliseconds(tmp_path, demo_root):
     problems, model = common.base_model_problems(d, lengths={"max_seq_len": 2048})
     assert problems == [] and len(model.shapes) == 40 * 9 + 3 and time.time() - t0 < 1
     assert sum((d / s).stat().st_size for s in model.shards) / 1e9 == pytest.approx(26.03, abs=0.01)
+
+
+def test_8bit_optimizer_moments_are_checked_too():
+    """bitsandbytes keeps its moments one level down (__bnb_optimizer_quant_state__): the default
+    paged_adamw_8bit state must be shape-checked like torch's AdamW, not skipped."""
+    import bitsandbytes as bnb
+    params = [torch.nn.Parameter(torch.randn(64, 64)), torch.nn.Parameter(torch.randn(8))]
+    opt = bnb.optim.PagedAdamW8bit(params, lr=1e-3)
+    sum(p.sum() for p in params).backward()
+    opt.step()
+    tensors, meta = common.flatten_optimizer(opt)
+    assert common.checked_optimizer_state(opt, tensors, meta, ["a", "b"])  # its own state fits
+    other = [torch.nn.Parameter(torch.randn(32, 128)), torch.nn.Parameter(torch.randn(8))]  # same numel
+    with pytest.raises(common.BadFile, match=r"state1 of a is \[64, 64\] torch.uint8, the parameter is \[32, 128\]"):
+        common.checked_optimizer_state(bnb.optim.PagedAdamW8bit(other, lr=1e-3), tensors, meta, ["a", "b"])
+
+
+def test_prune_never_counts_newer_folders_a_resume_skipped(tmp_path):
+    """Resumed at 200 past damaged step_800/step_1000: saving 400 with keep_last 2 must keep 200
+    and 400 (counting 800 and 1000 as the newest would delete every good checkpoint)."""
+    for s in (200, 400, 800, 1000):
+        (tmp_path / f"step_{s:06d}").mkdir()
+    common.prune_checkpoints(tmp_path, 2, 400)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_000200", "step_000400", "step_000800", "step_001000"]
+    (tmp_path / "step_000600").mkdir()
+    common.prune_checkpoints(tmp_path, 2, 600)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_000400", "step_000600", "step_000800", "step_001000"]

@@ -230,3 +230,14 @@ def test_no_eval_run_logs_no_fake_eval(pipeline, tmp_path):
     assert "eval loss" not in p.stdout
     history = [json.loads(x) for x in (tmp_path / "dpo/metrics.jsonl").read_text().splitlines()]
     assert len(history) == 2 and not any("eval_loss" in h or "eval_acc" in h for h in history)
+
+
+def test_no_eval_needs_no_test_split(demo_root, tmp_path):
+    """--eval_pairs 0 (the advice an empty held-out set gives) must work with the test file gone."""
+    data = tmp_path / "hh"
+    shutil.copytree(demo_root / "data/demo/hh-rlhf", data)
+    (data / "harmless-base/test.jsonl.gz").unlink()
+    p = dpo_prepare(demo_root, data, tmp_path / "out", "--subsets", "harmless-base")
+    assert p.returncode == 1 and "missing input files" in p.stdout and "test.jsonl.gz" in p.stdout
+    p = dpo_prepare(demo_root, data, tmp_path / "out", "--subsets", "harmless-base", "--eval_pairs", "0")
+    assert p.returncode == 0, p.stdout
