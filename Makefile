@@ -56,7 +56,7 @@ PIP_SOURCE := $(if $(wildcard wheels/*.whl),--no-index --find-links wheels,)
 # what verify checks: download.py's manifest, or the one demo_assets.py writes
 MANIFEST := $(if $(filter demo,$(PRESET)),data/demo/manifest.json,manifest.json)
 
-.PHONY: help venv download-datasets-and-models verify demo-assets check-config sft dpo merge train demo chat eval export-gguf test bench bench-data bench-merge clean-demo
+.PHONY: help venv download-datasets-and-models verify demo-assets check-config sft dpo merge train demo chat eval export-gguf test test-fast bench bench-data bench-merge clean-demo
 
 # List targets.  make help
 help:
@@ -125,6 +125,10 @@ export-gguf: merge
 # Run the test suite on CPU (a few minutes).  make test
 test: venv
 	$(PY) -m pytest -q tests
+
+# The edit-loop tier: every test that needs no demo model built or trained (under a minute).  make test-fast
+test-fast: venv
+	$(PY) -m pytest -q -m "not slow" tests
 
 # GPU memory and tokens/s of the real SFT/DPO steps on the 13B architecture (random weights), vs TRL; CPU: smoke.  make bench
 bench: venv

@@ -133,6 +133,18 @@ if sys.argv[0].endswith(".py") and Path(sys.argv[0]).resolve().parent == Path(__
     sys.excepthook = _on_uncaught
 phase("start-up")
 
+import logging
+import warnings
+
+# Noise on every run that is not ours to act on, silenced where it is raised (nothing else is):
+# - bitsandbytes on CPUs with AVX512-BF16 tries an optional kernel that `kernels` would fetch from
+#   the Hub; offline it cannot, and load_base_model turns that CPU fast path off anyway (its
+#   numerics would make an eval change later steps). Its own kernel runs; the warning says nothing.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+# - peft 0.21 reads transformers' deprecated `is_gradient_checkpointing` on every PeftModel
+#   (peft_model.py:184); we call the current API (activation_checkpointing_enable) ourselves.
+warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
@@ -1056,7 +1068,7 @@ def load_base_model(model_dir, cfg, device):
     if cfg.gradient_checkpointing:
         # non-reentrant checkpointing works with frozen inputs; the reentrant one needs the
         # "enable_input_require_grads" hack ("None of the inputs have requires_grad")
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     return model
 
 

@@ -163,7 +163,7 @@ class DPOConfig:
     seed: int = 1337  # [0, 4294967295]: drives pair sampling and order, LoRA init (2^32 - 1, as SFT)
     subsets: str = ",".join(HH_SUBSETS)  # comma list of hh-rlhf subsets to train on, each once
     split: str = "train"  # train or test
-    max_pairs: int = 32000  # >= 0: pair budget after filtering, sampled uniformly (0 = all ~160k; see README for hours)
+    max_pairs: int = 32000  # >= 0: pair budget after filtering, sampled uniformly (0 = all ~160k; hours: docs/data.md)
     eval_pairs: int = 512  # >= 0: held-out pairs from the test split for reward accuracy / eval loss
     # sequence limits, applied identically to chosen and rejected
     max_len: int = 1536  # >= 16: prompt + reply tokens per side (16: as SFT's max_seq_len)

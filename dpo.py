@@ -140,7 +140,7 @@ def prepare_data():
     else:
         eval_pairs = []  # --eval_pairs 0: the user asked for no held-out evaluation
     if cfg.max_pairs > 0:
-        pairs = pairs[:cfg.max_pairs]  # the pair budget (see README for the hours it buys)
+        pairs = pairs[:cfg.max_pairs]  # the pair budget (docs/data.md: the hours it buys)
     for rep, ps in ((report, pairs), (eval_report, eval_pairs if cfg.split != "test" else [])):
         rep.kept = len(ps)
         rep.lengths_before = [p[4] for p in ps]  # percentiles over the pairs actually used

@@ -76,3 +76,19 @@ def llama_tokenizer(tmp_path_factory):
     shutil.copy(src, folder / "tokenizer.model")
     import common
     return common.Tokenizer(folder)
+
+
+# Two tiers. `make test` runs everything (what CI runs). `make test-fast` is the edit loop: it
+# leaves out every test that needs the demo model built or trained (the demo_root / pipeline
+# fixtures and the ones built on them), which is where the minutes go.
+SLOW_FIXTURES = {"demo_root", "pipeline"}
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: needs the demo model built or trained (left out by make test-fast)")
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
