@@ -7,9 +7,12 @@ a complete result. Speed and memory are NOT asserted here (they belong to the be
 
 import json
 
+import pytest
+
 from conftest import run
 
 
+@pytest.mark.slow  # builds or trains a model (left out by make test-fast)
 def test_bench_smoke_runs_ours_and_the_trl_baseline(tmp_path):
     out = tmp_path / "bench.json"
     p = run("bench.py", "--size", "tiny", "--steps", "1", "--warmup", "0", "--micro_batch", "1",

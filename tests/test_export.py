@@ -230,6 +230,7 @@ def test_refuses_bad_input_in_the_first_second(exported, tmp_path):
     assert not list(tmp_path.glob("*.gguf*"))
 
 
+@pytest.mark.slow  # builds or trains a model (left out by make test-fast)
 def test_real_llama2_tokenizer_survives(tmp_path):
     """Llama-2's own tokenizer.model (32000 pieces: 3 special, 256 byte-fallback) through the
     exporter on a tiny random model with Llama-2's vocabulary; the script's tokenizer check

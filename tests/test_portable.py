@@ -13,6 +13,8 @@ import signal
 import subprocess
 import time
 
+import pytest
+
 from conftest import NETGUARD, NETGUARD_LOG, ROOT
 
 VENV = ROOT / ".venv"
@@ -26,6 +28,7 @@ def make(cwd, *targets, **kw):
                             start_new_session=True, **kw)
 
 
+@pytest.mark.slow  # builds or trains a model (left out by make test-fast)
 def test_copy_to_another_path_and_continue(tmp_path):
     first = tmp_path / "box-a" / "qlora"
     first.mkdir(parents=True)
