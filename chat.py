@@ -11,16 +11,18 @@ Talk to the merged model in its prompt format, streaming tokens as they are gene
 Generation stops at EOS or when the model starts a new "### Human:" turn on its own.
 """
 
-import common  # first: offline switches
-
-import argparse
 import sys
-
-import torch
 
 from config import HUMAN, TURN_SEP, ChatConfig, parse_args, resolve
 
+# The command line first, before torch loads: --help and a bad flag answer in a tenth of a second
 cfg = parse_args(ChatConfig, sys.argv[1:])
+
+import common  # noqa: E402  (before any Hugging Face import: it switches them to offline)
+
+import argparse  # noqa: E402
+
+import torch  # noqa: E402
 adapters = [a for a in cfg.adapters.split(",") if a]
 # a merged model is only used once complete; a base + adapters is checked adapter by adapter
 common.require_files(common.model_files(cfg.model_dir) + ([] if adapters else [resolve(cfg.model_dir) / "COMPLETE.json"]),

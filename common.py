@@ -615,17 +615,6 @@ def build_example(prompt_ids, reply_ids, eos_id, bos_id, max_len):
 # themselves (the same function that builds the training data), not a re-rendering of text.
 
 
-def show_count(value):
-    """--show_examples value -> None (not asked), a count >= 1, or "all"."""
-    if value is None:
-        return None
-    if value == "all":
-        return value
-    if not value.isdigit() or int(value) < 1:
-        sys.exit(f"config error: --show_examples: expected a whole number >= 1 or 'all', got {value!r}")
-    return int(value)
-
-
 def render_example(tok, ids, labels, width=600):
     """One example as text with the trained tokens inside [[ ]], plus the token pieces around the
     prompt/reply boundary (where the stray "▁" used to hide). Spans are cut from the decode of the

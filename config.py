@@ -465,6 +465,18 @@ def _parse_args(cls, argv, flags):
     return (cfg, switches) if flags else cfg
 
 
+def show_count(value):
+    """--show_examples value -> None (not asked), a count >= 1, or "all"."""
+    if value is None:
+        return None
+    if value == "all":
+        return value
+    if not value.isdigit() or int(value) < 1:
+        sys.exit(f"config error: --show_examples: expected a whole number >= 1 or 'all', got {value!r}\n"
+                 f"(run with --help to list fields and defaults)")
+    return int(value)
+
+
 def resolve(path):
     """Relative config paths are relative to the repo root, so scripts work from any cwd
     and saved configs hold no absolute path (the folder can be moved between machines)."""

@@ -12,20 +12,22 @@ computed in fp32 and stored in W's dtype, streaming one tensor at a time: peak C
 about one output shard (max_shard_gb), not the 26 GB model.
 """
 
-import common  # first: offline switches
-
-import json
-import shutil
 import sys
-import time
-
-import torch
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
 
 from config import ASSISTANT, HUMAN, TURN_SEP, MergeConfig, parse_args, print_config, resolve, to_dict
 
+# The command line first, before torch loads: --help and a bad flag answer in a tenth of a second
 cfg = parse_args(MergeConfig, sys.argv[1:])
+
+import common  # noqa: E402  (before any Hugging Face import: it switches them to offline)
+
+import json  # noqa: E402
+import shutil  # noqa: E402
+import time  # noqa: E402
+
+import torch  # noqa: E402
+from safetensors import safe_open  # noqa: E402
+from safetensors.torch import load_file, save_file  # noqa: E402
 print_config(cfg)
 base_dir, out_dir = resolve(cfg.model_dir), resolve(cfg.output_dir)
 # sizes of every file, not hashes (26 GB: minutes); a damaged merge is named, never "complete"

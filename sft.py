@@ -13,21 +13,24 @@ Re-running the same command resumes from the newest complete checkpoint, exactly
 Output: <output_dir>/final/adapter_model.safetensors (+ adapter_config.json).
 """
 
-import common  # first: switches the HF libraries to offline before they are imported
-
-import math
-import random
 import sys
-import time
 
-import torch
+from config import STAGE_FLAGS, SFTConfig, parse_args, print_config, resolve, show_count, to_dict
 
-from common import IGNORE, DataReport, Tokenizer
-from config import STAGE_FLAGS, SFTConfig, parse_args, print_config, resolve, to_dict
-
+# The command line first, before torch loads: --help and a bad flag answer in a tenth of a second
 cfg, opts = parse_args(SFTConfig, sys.argv[1:], flags=STAGE_FLAGS)
 prepare_only = opts["prepare_only"]
-show = common.show_count(opts["show_examples"])  # None, N or "all": checked now, used after the data
+show = show_count(opts["show_examples"])  # None, N or "all": checked now, used after the data
+
+import common  # noqa: E402  (before any Hugging Face import: it switches them to offline)
+
+import math  # noqa: E402
+import random  # noqa: E402
+import time  # noqa: E402
+
+import torch  # noqa: E402
+
+from common import IGNORE, DataReport, Tokenizer  # noqa: E402
 dist = common.Distributed()  # NPROC > 1 (make train NPROC=N): one process per GPU, rank 0 writes
 print_config(cfg)
 out_dir, final_dir = resolve(cfg.output_dir), resolve(cfg.output_dir) / "final"
