@@ -115,11 +115,13 @@ chat: venv
 	$(PY) chat.py --preset $(PRESET) $(if $(filter command line,$(origin PROMPT)),--prompt "$(PROMPT)",)
 
 # Base vs +SFT vs +SFT+DPO on held-out data, generations, curves -> checkpoints/eval/report.md.  make eval PRESET=demo
-eval: dpo
+# (eval, chat and export-gguf never start training: on an untrained tree they stop at once with
+# what to run; a day of training is started by `make train` alone)
+eval: venv
 	$(PY) eval.py --preset $(PRESET) $(EVAL_ARGS)
 
 # Merged model -> GGUF for llama.cpp (f16 + q8_0, checked, beside the model).  make export-gguf PRESET=demo
-export-gguf: merge
+export-gguf: venv
 	$(PY) export_gguf.py --preset $(PRESET) --types $(GGUF_TYPES) $(GGUF_ARGS)
 
 # Run the test suite on CPU (a few minutes).  make test

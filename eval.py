@@ -74,7 +74,8 @@ sft_dir, dpo_dir, out_dir = resolve(cfg.sft_dir), resolve(cfg.dpo_dir), resolve(
 common.require_output_dirs(cfg, "output_dir", whole=True)
 for stage, folder in (("sft", sft_dir), ("dpo", dpo_dir)):
     if not folder.is_dir():
-        sys.exit(f"cannot evaluate: no {stage} adapter at {folder}; run `make {stage}` first")
+        sys.exit(f"cannot evaluate: no {stage} adapter at {folder}; run `make train` first (a day on the real "
+                 f"model; `make train PRESET=demo` for the demo)")
     problems = common.verify_checkpoint(folder, common.FINAL_FILES)  # hashes: never report numbers of a half-written adapter
     if problems:
         sys.exit(f"cannot evaluate: the {stage} adapter is not complete and intact ({'; '.join(problems)}); "

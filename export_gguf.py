@@ -106,11 +106,11 @@ print(f"export_gguf:\n  model_dir  {model_dir}\n  out_dir    {out_dir}\n  types 
 # Exporting a half-written or bit-flipped shard would give a GGUF that loads and talks nonsense.
 
 common.require_files([model_dir / n for n in ("config.json", "tokenizer.model", "tokenizer_config.json")],
-                     "make merge")
+                     "make train (it ends with the merge)")
 problems = common.verify_checkpoint(model_dir)
 if problems:
     sys.exit(f"cannot export: the merged model is not complete and intact ({'; '.join(problems[:3])}); "
-             f"run `make merge` first")
+             f"run `make train` first (it ends with the merge)")
 source_id = common.sha256_file(model_dir / "COMPLETE.json")  # names this exact merge (it lists every file's sha256)
 
 hf = json.loads((model_dir / "config.json").read_text())
@@ -158,7 +158,7 @@ if not chat_template:
 index_path = model_dir / "model.safetensors.index.json"
 shard_names = (sorted(set(json.loads(index_path.read_text())["weight_map"].values())) if index_path.is_file()
                else ["model.safetensors"])
-common.require_files([model_dir / s for s in shard_names], "make merge")
+common.require_files([model_dir / s for s in shard_names], "make train (it ends with the merge)")
 
 # HF (LlamaForCausalLM) -> GGUF names: the table in gguf-py's tensor_mapping.py for MODEL_ARCH.LLAMA
 # (tests check it against gguf.get_tensor_name_map); llama.cpp finds tensors only by these names.

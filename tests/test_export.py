@@ -226,7 +226,7 @@ def test_refuses_bad_input_in_the_first_second(exported, tmp_path):
     shutil.copytree(merged, half)
     (half / "COMPLETE.json").unlink()  # an interrupted merge
     p = run("export_gguf.py", "--model_dir", half, "--out_dir", tmp_path, check=False)
-    assert p.returncode != 0 and "run `make merge` first" in p.stdout
+    assert p.returncode != 0 and "run `make train` first" in p.stdout
     assert not list(tmp_path.glob("*.gguf*"))
 
 
@@ -264,4 +264,4 @@ def test_preset_picks_the_merge_stage_output(tmp_path):
     files go to tmp_path. Without a demo merge in the checkout it must stop naming the fix."""
     p = run("export_gguf.py", "--preset", "demo", "--out_dir", tmp_path, "--verify", "off", check=False)
     assert "models/demo-merged" in p.stdout.splitlines()[1]
-    assert p.returncode == 0 or "make merge" in p.stdout
+    assert p.returncode == 0 or "make train" in p.stdout
