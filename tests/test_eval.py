@@ -113,7 +113,7 @@ def test_refuses_incomplete_adapter_before_loading(pipeline, tmp_path):
     root, _ = pipeline
     p = run("eval.py", "--preset", "demo", "--sft_dir", root / "checkpoints/sft/final", "--dpo_dir", tmp_path / "nope",
             "--output_dir", tmp_path / "eval", check=False)
-    assert p.returncode != 0 and "run `make dpo` first" in p.stdout and "Loading weights" not in p.stdout
+    assert p.returncode != 0 and "run `make train` first" in p.stdout and "Loading weights" not in p.stdout
     assert not (tmp_path / "eval").exists()
 
 
