@@ -641,17 +641,11 @@ def write_examples(path, examples, tok, n_print=3):
     n_print are printed with the trained tokens marked. Streamed, one compact example per line
     (still one JSON list): `--show_examples all` on 160k pairs is ~240M ids, which an indented
     json.dumps would first build as one string of several GB."""
-    tmp = Path(f"{path}.{os.getpid()}.tmp")
-    with writing(path):
-        try:
-            with open(tmp, "w") as f:
-                f.write("[\n")
-                for i, ex in enumerate(examples):
-                    f.write((",\n" if i else "") + json.dumps(ex, separators=(",", ":")))
-                f.write("\n]\n")
-            tmp.replace(path)
-        finally:
-            tmp.unlink(missing_ok=True)  # a full disk leaves no half-written file behind
+    with replacing(path) as f:
+        f.write("[\n")
+        for i, ex in enumerate(examples):
+            f.write((",\n" if i else "") + json.dumps(ex, separators=(",", ":")))
+        f.write("\n]\n")
     for ex in examples[:n_print]:
         for side in ("chosen", "rejected") if "chosen" in ex else (None,):
             e = ex[side] if side else ex
@@ -1708,11 +1702,21 @@ def memory_gib(device):
         return float("nan")
 
 
-def save_json(path, obj):
+@contextlib.contextmanager
+def replacing(path):
+    """`with replacing(path) as f:` writes a text file beside path and renames it over path only
+    when complete; a failure (a full disk above all) exits with write_error's line and leaves no
+    half-written file behind."""
     tmp = Path(f"{path}.{os.getpid()}.tmp")  # per process: launched ranks may write the same file
     with writing(path):
         try:
-            tmp.write_text(json.dumps(obj, indent=2))
+            with open(tmp, "w") as f:
+                yield f
             tmp.replace(path)
         finally:
-            tmp.unlink(missing_ok=True)  # a full disk leaves no half-written file behind
+            tmp.unlink(missing_ok=True)
+
+
+def save_json(path, obj):
+    with replacing(path) as f:
+        f.write(json.dumps(obj, indent=2))
