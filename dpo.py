@@ -190,8 +190,8 @@ if cfg.eval_pairs > 0 and len(data["eval_chosen_len"]) == 0:
              f"restore the test split, or pass --eval_pairs 0 to train without held-out evaluation")
 if show and dist.main:
     # the first N kept pairs of the training split in file order (with "all", the test split's
-    # held-out pairs follow), through the same read_pairs as training
-    files = data_files[cfg.split] + (data_files["test"] if show == "all" and cfg.split == "train" else [])
+    # held-out pairs follow when it is read at all), through the same read_pairs as training
+    files = inputs if show == "all" else data_files[cfg.split]
     shown = read_pairs(files, DataReport("examples"), limit=None if show == "all" else show)
     common.write_examples(out_dir / "examples.json", [
         {"where": w, "chosen": {"input_ids": c, "labels": cl}, "rejected": {"input_ids": r, "labels": rl}}
