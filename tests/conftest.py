@@ -35,6 +35,16 @@ def run(script, *args, check=True, timeout=600, env=None):
     return p
 
 
+def assert_row_outcome(stdout, report, examples, where, reason):
+    """One input row of a prepare run: kept (in examples.json) when reason is None, else dropped
+    with exactly that reason at that file:line; and never a traceback."""
+    if reason is None:
+        assert where in examples
+    else:
+        assert where not in examples and where in report["rows_dropped"][reason]["first_lines"]
+    assert "Traceback" not in stdout
+
+
 @pytest.fixture(scope="session")
 def demo_root(tmp_path_factory):
     root = tmp_path_factory.mktemp("demo")

@@ -11,7 +11,7 @@ import json
 import pytest
 
 import common
-from conftest import run, stage_args
+from conftest import assert_row_outcome, run, stage_args
 
 GOOD = b'{"instruction": "Question?", "response": "Answer."}'
 
@@ -157,13 +157,7 @@ def field_run(demo_root, tmp_path_factory):
                                                          for i, r in enumerate(FIELD_ROWS)])
 def test_field_rules_drop_or_keep_each_row(field_run, i):
     stdout, report, examples, _ = field_run
-    where = f"instructions.jsonl:{i + 1}"
-    reason = FIELD_ROWS[i][1]
-    if reason is None:
-        assert where in examples
-    else:
-        assert where not in examples and where in report["rows_dropped"][reason]["first_lines"]
-    assert "Traceback" not in stdout
+    assert_row_outcome(stdout, report, examples, f"instructions.jsonl:{i + 1}", FIELD_ROWS[i][1])
 
 
 def test_field_run_accounts_for_every_row(field_run, demo_root):
