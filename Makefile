@@ -26,7 +26,7 @@ MERGE_ARGS ?=
 EVAL_ARGS ?=
 # GGUF files export-gguf writes (comma list of f16 q8_0 q5_1 q5_0 q4_1 q4_0)
 GGUF_TYPES ?= f16,q8_0
-# extra export_gguf.py flags, e.g. --out_dir /big/disk --verify on
+# extra tools/export_gguf.py flags, e.g. --out_dir /big/disk --verify on
 GGUF_ARGS ?=
 PROMPT ?= What is the capital of France?
 # data-parallel processes for sft and dpo (one per GPU; >1 runs them under accelerate launch)
@@ -53,7 +53,7 @@ TRAIN_PY := $(if $(filter 1,$(NPROC)),$(PY),TORCH_ELASTIC_SHUTDOWN_TIMEOUT=3600 
 # pip installs from wheels/ with no index at all when that folder exists (airgapped box)
 PIP_SOURCE := $(if $(wildcard wheels/*.whl),--no-index --find-links wheels,)
 
-# what verify checks: download.py's manifest, or the one demo_assets.py writes
+# what verify checks: download.py's manifest, or the one tools/demo_assets.py writes
 MANIFEST := $(if $(filter demo,$(PRESET)),data/demo/manifest.json,manifest.json)
 
 .PHONY: help venv download-datasets-and-models verify demo-assets check-config sft dpo merge train demo chat eval export-gguf test test-fast bench bench-data bench-merge clean-demo
@@ -75,20 +75,20 @@ download-datasets-and-models: venv
 
 # Offline: every file of the manifest is present with its size (FULL=1: and sha256).  make verify FULL=1
 verify: venv
-	$(PY) verify.py --manifest $(MANIFEST) $(if $(FULL),--full,)
+	$(PY) tools/verify.py --manifest $(MANIFEST) $(if $(FULL),--full,)
 
 # Generate the tiny demo model, tokenizer and sample data (offline, seconds).  make demo-assets
 demo-assets: venv
-	$(PY) demo_assets.py
+	$(PY) tools/demo_assets.py
 
 # A bad DPO_ARGS must not wait for SFT's hours; WORLD_SIZE is what accelerate launch will set, so an
 # indivisible grad_accum stops here with one line, never as N ranks' errors and a launcher traceback.
 # Every stage's flags checked in a second, before any stage runs (each stage checks again).  make check-config NPROC=2
 check-config: venv
-	@WORLD_SIZE=$(NPROC) $(PY) config.py sft --preset $(PRESET) $(SFT_ARGS) >/dev/null
-	@WORLD_SIZE=$(NPROC) $(PY) config.py dpo --preset $(PRESET) $(DPO_ARGS) >/dev/null
-	@$(PY) config.py merge --preset $(PRESET) $(MERGE_ARGS) >/dev/null
-	@$(PY) config.py eval --preset $(PRESET) $(EVAL_ARGS) >/dev/null
+	@WORLD_SIZE=$(NPROC) $(PY) -m qlora.cli sft --preset $(PRESET) $(SFT_ARGS) >/dev/null
+	@WORLD_SIZE=$(NPROC) $(PY) -m qlora.cli dpo --preset $(PRESET) $(DPO_ARGS) >/dev/null
+	@$(PY) -m qlora.cli merge --preset $(PRESET) $(MERGE_ARGS) >/dev/null
+	@$(PY) -m qlora.cli eval --preset $(PRESET) $(EVAL_ARGS) >/dev/null
 
 # Stage 1, QLoRA SFT on Airoboros; resumes from the newest checkpoint.  make sft SFT_ARGS="--max_steps 100"
 sft: venv check-config verify
@@ -108,21 +108,21 @@ train: merge
 # The whole pipeline on a 2-layer Llama, on CPU, then a reply from the merged model.  make demo
 demo: demo-assets
 	$(MAKE) train PRESET=demo
-	$(PY) chat.py --preset demo --prompt "$(PROMPT)"
+	$(PY) tools/chat.py --preset demo --prompt "$(PROMPT)"
 
 # Talk to the merged model (interactive; PROMPT=... for one answer).  make chat PRESET=demo
 chat: venv
-	$(PY) chat.py --preset $(PRESET) $(if $(filter command line,$(origin PROMPT)),--prompt "$(PROMPT)",)
+	$(PY) tools/chat.py --preset $(PRESET) $(if $(filter command line,$(origin PROMPT)),--prompt "$(PROMPT)",)
 
 # Base vs +SFT vs +SFT+DPO on held-out data, generations, curves -> checkpoints/eval/report.md.  make eval PRESET=demo
 # (eval, chat and export-gguf never start training: on an untrained tree they stop at once with
 # what to run; a day of training is started by `make train` alone)
 eval: venv
-	$(PY) eval.py --preset $(PRESET) $(EVAL_ARGS)
+	$(PY) tools/eval.py --preset $(PRESET) $(EVAL_ARGS)
 
 # Merged model -> GGUF for llama.cpp (f16 + q8_0, checked, beside the model).  make export-gguf PRESET=demo
 export-gguf: venv
-	$(PY) export_gguf.py --preset $(PRESET) --types $(GGUF_TYPES) $(GGUF_ARGS)
+	$(PY) tools/export_gguf.py --preset $(PRESET) --types $(GGUF_TYPES) $(GGUF_ARGS)
 
 # Run the test suite on CPU (a few minutes).  make test
 test: venv
@@ -134,15 +134,15 @@ test-fast: venv
 
 # GPU memory and tokens/s of the real SFT/DPO steps on the 13B architecture (random weights), vs TRL; CPU: smoke.  make bench
 bench: venv
-	$(PY) bench.py
+	$(PY) bench/bench.py
 
 # Data-preparation speed, cache and packing figures on full-size synthetic data (CPU).  make bench-data
 bench-data: venv
-	$(PY) bench_data.py
+	$(PY) bench/bench_data.py
 
 # Peak CPU RAM of merge.py on a ~1 GB scaled Llama, with the 13B projection (CPU).  make bench-merge
 bench-merge: venv
-	$(PY) bench_merge.py
+	$(PY) bench/bench_merge.py
 
 # Remove demo outputs (not the real run's).  make clean-demo
 clean-demo:

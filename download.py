@@ -20,7 +20,7 @@ What it guarantees
     (default: this one), so the airgapped box installs with no index at all; the Makefile
     switches to `pip install --no-index --find-links wheels` when that folder has wheels;
   - manifest.json and checksums.sha256 at the root record repo, revision, size and
-    sha256 of every file, wheels included (`python verify.py`, or `sha256sum -c
+    sha256 of every file, wheels included (`python tools/verify.py`, or `sha256sum -c
     checksums.sha256`, re-checks them offline).
 
 Environment (read by huggingface_hub at import time)
@@ -33,7 +33,7 @@ Test hooks (used by tests/test_download.py, not needed for the real run)
                     revision, files, local_dir, sha256}}) that replaces it, so a stand-in
                     hub can serve tiny files whose hashes are known
 
-This script must not import common.py: common.py forces offline mode for the training
+This script must not import qlora/: qlora/ forces offline mode for the training
 stages, and this is the one step that is meant to go online.
 """
 
@@ -109,7 +109,7 @@ MANIFEST = root / "manifest.json"
 CHECKSUMS = root / "checksums.sha256"
 
 if constants.HF_HUB_OFFLINE:
-    # common.py sets this for the training stages; inherited here it would make every request raise
+    # qlora/ sets this for the training stages; inherited here it would make every request raise
     sys.exit("HF_HUB_OFFLINE=1 is set in the environment: unset it for the download step (the only online one)")
 
 
@@ -268,7 +268,7 @@ def fetch_wheels():
         tail = "\n    ".join(p.stdout.strip().splitlines()[-6:])
         raise Fatal(f"pip could not fetch the wheels of {args.requirements}:\n    {tail}\n"
                     "  (offline? a package without a wheel for that platform? set --wheels_platform / --pip_args)")
-    # record every wheel: verify.py checks them like the model shards
+    # record every wheel: tools/verify.py checks them like the model shards
     for old in [k for k, e in entries.items() if e.get("repo_type") == "wheel"]:
         del entries[old]
     lock_sha = config.sha256_file(args.requirements)[:16]

@@ -14,12 +14,18 @@ about one output shard (max_shard_gb), not the 26 GB model.
 
 import sys
 
-from config import ASSISTANT, HUMAN, TURN_SEP, MergeConfig, parse_args, print_config, resolve, to_dict
+from config import ASSISTANT, HUMAN, TURN_SEP, MergeConfig
 
 # The command line first, before torch loads: --help and a bad flag answer in a tenth of a second
+from qlora.cli import parse_args, print_config, resolve, to_dict
 cfg = parse_args(MergeConfig, sys.argv[1:])
 
-import common  # noqa: E402  (before any Hugging Face import: it switches them to offline)
+from qlora.runtime import memory_gib  # noqa: E402
+from qlora.files import (  # noqa: E402
+    check_base_model, is_complete, model_files, require_files, require_output_dirs
+)
+from qlora.modeling import check_adapter, lora_target  # noqa: E402
+from qlora.checkpoint import AtomicFolder  # noqa: E402
 
 import json  # noqa: E402
 import shutil  # noqa: E402
@@ -31,17 +37,17 @@ from safetensors.torch import load_file, save_file  # noqa: E402
 print_config(cfg)
 base_dir, out_dir = resolve(cfg.model_dir), resolve(cfg.output_dir)
 # sizes of every file, not hashes (26 GB: minutes); a damaged merge is named, never "complete"
-if common.is_complete(out_dir, f"delete it (rm -r {cfg.output_dir}) and re-run `make merge`",
+if is_complete(out_dir, f"delete it (rm -r {cfg.output_dir}) and re-run `make merge`",
                       need=("config.json", "tokenizer.model", "model.safetensors.index.json"), full=False):
     print(f"merge: already complete ({cfg.output_dir}): nothing to do")
     sys.exit(0)
-common.require_output_dirs(cfg, "output_dir", whole=True)
-common.require_files(common.model_files(cfg.model_dir), "make download-datasets-and-models")
+require_output_dirs(cfg, "output_dir", whole=True)
+require_files(model_files(cfg.model_dir), "make download-datasets-and-models")
 # the base's config, shard headers (a truncated shard is named here, before any output) and tokenizer
-base = common.check_base_model(cfg.model_dir)
+base = check_base_model(cfg.model_dir)
 for stage, folder in (("sft", cfg.sft_dir), ("dpo", cfg.dpo_dir)):
     # hashes: never merge a corrupt adapter; shapes: never one of another base
-    common.check_adapter(resolve(folder), base, f"cannot merge the {stage} adapter", stage)
+    check_adapter(resolve(folder), base, f"cannot merge the {stage} adapter", stage)
 
 # -----------------------------------------------------------------------------
 # The low-rank deltas, keyed by the base tensor they modify.
@@ -57,7 +63,7 @@ for folder in (cfg.sft_dir, cfg.dpo_dir):
         if ".lora_A." not in key:
             continue
         b = tensors[key.replace(".lora_A.", ".lora_B.")]
-        deltas.setdefault(common.lora_target(key), []).append((scale, b, a))
+        deltas.setdefault(lora_target(key), []).append((scale, b, a))
 print(f"adapters: {len(deltas)} base tensors receive a low-rank update")
 
 shard_names = base.shards  # from the index (or the one model.safetensors), each checked above
@@ -67,7 +73,7 @@ shard_names = base.shards  # from the index (or the one model.safetensors), each
 
 t0 = time.time()
 max_bytes = int(cfg.max_shard_gb * 1e9)
-with common.AtomicFolder(out_dir) as tmp:
+with AtomicFolder(out_dir) as tmp:
     shard, shard_bytes, shards, weight_map, merged = {}, 0, [], {}, set()
 
     def flush():
@@ -118,7 +124,7 @@ with common.AtomicFolder(out_dir) as tmp:
     if tok_cfg.get("pad_token") in ("<pad>", {"content": "<pad>"}):
         tok_cfg.pop("pad_token")
     # the prompt format as a chat template, so apply_chat_template / llama.cpp servers use the
-    # contract. It renders EXACTLY what training saw (common.format_prompt): earlier assistant
+    # contract. It renders EXACTLY what training saw (format_prompt): earlier assistant
     # turns carry no </s> inside a prompt (tested against format_prompt on a multi-turn chat).
     tok_cfg["chat_template"] = (
         "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}"
@@ -130,5 +136,5 @@ with common.AtomicFolder(out_dir) as tmp:
     (tmp / "merge_config.json").write_text(json.dumps(to_dict(cfg), indent=2))
 
 print(f"merged {len(merged)} tensors into {total} shard(s), {total_size / 1e9:.2f} GB, "
-      f"in {time.time() - t0:.1f}s; peak RSS {common.memory_gib(torch.device('cpu')):.2f} GiB")
+      f"in {time.time() - t0:.1f}s; peak RSS {memory_gib(torch.device('cpu')):.2f} GiB")
 print(f"standalone model: {cfg.output_dir}  (sha256 of every file in COMPLETE.json)")

@@ -48,7 +48,7 @@ def assert_row_outcome(stdout, report, examples, where, reason):
 @pytest.fixture(scope="session")
 def demo_root(tmp_path_factory):
     root = tmp_path_factory.mktemp("demo")
-    run("demo_assets.py", "--out", root)
+    run("tools/demo_assets.py", "--out", root)
     return root
 
 
@@ -84,8 +84,8 @@ def llama_tokenizer(tmp_path_factory):
     src = FIXTURES / "llama2-tokenizer.model"
     folder = tmp_path_factory.mktemp("llama2-tok")
     shutil.copy(src, folder / "tokenizer.model")
-    import common
-    return common.Tokenizer(folder)
+    import qlora.data
+    return qlora.data.Tokenizer(folder)
 
 
 # Two tiers. `make test` runs everything (what CI runs). `make test-fast` is the edit loop: it

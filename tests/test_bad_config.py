@@ -17,15 +17,17 @@ from dataclasses import fields
 import pytest
 
 import config
-from config import ChatConfig, DPOConfig, EvalConfig, MergeConfig, SFTConfig, _parse_args
+import qlora.cli
+from config import ChatConfig, DPOConfig, EvalConfig, MergeConfig, SFTConfig
+from qlora.cli import _parse_args
 from conftest import ROOT, run
 
 CLASSES = (SFTConfig, DPOConfig, MergeConfig, ChatConfig, EvalConfig)
-FLAGS = config.STAGE_FLAGS
+FLAGS = qlora.cli.STAGE_FLAGS
 
 
 def config_error(cls, argv):
-    with pytest.raises(config.ConfigError) as e:
+    with pytest.raises(qlora.cli.ConfigError) as e:
         _parse_args(cls, list(argv), ())
     return str(e.value)
 
@@ -144,15 +146,15 @@ GOOD = [
 def test_range_edges_are_accepted(cls, argv):
     cfg = _parse_args(cls, list(argv), ())
     for flag, text in zip(argv[::2], argv[1::2]):
-        assert getattr(cfg, flag[2:]) == config._parse_value(cls, flag[2:], text)
+        assert getattr(cfg, flag[2:]) == qlora.cli._parse_value(cls, flag[2:], text)
 
 
 def test_every_numeric_field_states_its_range_in_help_and_defaults_satisfy_it():
     for cls in CLASSES:
-        help_text = config.usage(cls)
+        help_text = qlora.cli.usage(cls)
         for f in fields(cls):
             if f.type in (int, float):
-                m = config.field_range(cls, f.name)
+                m = qlora.cli.field_range(cls, f.name)
                 assert m, f"{cls.__name__}.{f.name}: its comment must start with its range"
                 line = next(x for x in help_text.splitlines() if x.startswith(f"  --{f.name} "))
                 assert m[0] in line
@@ -184,7 +186,7 @@ def test_switches_are_strict(argv, want):
     (["--show_examples"], "--show_examples needs a value"),
 ])
 def test_bad_switch_values(argv, needle):
-    with pytest.raises(config.ConfigError, match=needle):
+    with pytest.raises(qlora.cli.ConfigError, match=needle):
         _parse_args(DPOConfig, argv, FLAGS)
 
 
@@ -197,12 +199,12 @@ def test_bad_switch_values(argv, needle):
     ("dpo.py", ["--beta", "-0.1"], "DPOConfig.beta = -0.1: must be > 0"),
     ("dpo.py", ["--subsets", "harmless-base,"], "DPOConfig.subsets = 'harmless-base,': item 2 of the comma list is empty"),
     ("merge.py", ["--max_shard_gb", "nan"], "MergeConfig.max_shard_gb = nan: must be a finite number"),
-    ("chat.py", ["--top_p", "0"], "ChatConfig.top_p = 0.0: must be (0, 1]"),
+    ("tools/chat.py", ["--top_p", "0"], "ChatConfig.top_p = 0.0: must be (0, 1]"),
 ])
 def test_scripts_refuse_bad_values_at_once(tmp_path, script, args, needle):
     out = tmp_path / "out"
     t0 = time.time()
-    p = run(script, "--output_dir" if script != "chat.py" else "--prompt", out, *args, check=False)
+    p = run(script, "--output_dir" if script != "tools/chat.py" else "--prompt", out, *args, check=False)
     assert p.returncode == 1 and p.stdout.count("config error:") == 1 and needle in p.stdout, p.stdout
     assert "Traceback" not in p.stdout and not out.exists()
     assert time.time() - t0 < 30  # the torch import only: nothing is loaded or prepared
@@ -230,7 +232,7 @@ def test_output_dirs_that_are_files_or_under_one(tmp_path):
         ("dpo.py", paths(DPOConfig, output_dir=afile / "sub"),
          f"DPOConfig.output_dir = '{afile / 'sub'}': {afile} is a file, not a folder"),
         ("merge.py", paths(MergeConfig, output_dir=afile), f"MergeConfig.output_dir = '{afile}': {afile} is a file, not a folder"),
-        ("eval.py", paths(EvalConfig, output_dir=afile / "eval"),
+        ("tools/eval.py", paths(EvalConfig, output_dir=afile / "eval"),
          f"EvalConfig.output_dir = '{afile / 'eval'}': {afile} is a file, not a folder"),
     ]
     for script, args, needle in cases:
@@ -264,7 +266,8 @@ def test_input_paths_of_the_wrong_kind(tmp_path):
 
 
 def test_unreadable_input_file_is_named(tmp_path, monkeypatch):
-    import common
+    import qlora.cli
+    import qlora.files
     f = tmp_path / "instructions.jsonl"
     f.write_text('{"instruction": "a", "response": "b"}\n')
     f.chmod(0)
@@ -277,15 +280,16 @@ def test_unreadable_input_file_is_named(tmp_path, monkeypatch):
             return real_open(path, *a, **k)
         monkeypatch.setattr(builtins, "open", open_as_user)
     with pytest.raises(SystemExit) as e:
-        common.require_files([f], "fix its permissions")
+        qlora.files.require_files([f], "fix its permissions")
     assert f"{f} (cannot be read: Permission denied)" in str(e.value.code)
 
 
 def test_output_check_creates_nothing(tmp_path):
-    import common
-    common.require_output_dirs(SFTConfig(output_dir=str(tmp_path / "a/b"), cache_dir=str(tmp_path / "c")),
+    import qlora.cli
+    import qlora.files
+    qlora.files.require_output_dirs(SFTConfig(output_dir=str(tmp_path / "a/b"), cache_dir=str(tmp_path / "c")),
                                "output_dir", "cache_dir")
-    common.require_output_dirs(EvalConfig(output_dir=str(tmp_path / "new/eval")), "output_dir", whole=True)
+    qlora.files.require_output_dirs(EvalConfig(output_dir=str(tmp_path / "new/eval")), "output_dir", whole=True)
     assert os.listdir(tmp_path) == []
 
 

@@ -21,8 +21,13 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-import common
-from config import SFTConfig, parse_args, sha256_file
+import config
+import qlora.checkpoint
+import qlora.files
+import qlora.modeling
+import qlora.packing
+from config import SFTConfig, sha256_file
+from qlora.cli import parse_args
 from conftest import run, stage_args
 
 DEMO_FIX = "make clean-demo && make demo-assets"  # repair_hint for the demo model's files
@@ -46,8 +51,8 @@ def runs(demo_root, tmp_path_factory):
 
 def assert_last_good_intact(runs):
     """Nothing a case did touched the shared run: its newest checkpoint and final/ still verify."""
-    assert common.latest_checkpoint(runs / "sft") == runs / "sft/step_000002"
-    assert not common.verify_checkpoint(runs / "sft/final", common.FINAL_FILES)
+    assert qlora.checkpoint.latest_checkpoint(runs / "sft") == runs / "sft/step_000002"
+    assert not qlora.files.verify_checkpoint(runs / "sft/final", qlora.files.FINAL_FILES)
 
 
 def rewrite_marker(folder):
@@ -77,7 +82,7 @@ def append(path, data):
 
 # -----------------------------------------------------------------------------
 # Base model: config.json, the safetensors shards and tokenizer.model, checked against each
-# other from the headers alone (common.base_model_problems / check_base_model).
+# other from the headers alone (qlora.files.base_model_problems / check_base_model).
 
 
 def edit_config(**change):
@@ -106,7 +111,7 @@ def add_index(weight_map):
 
 
 def all_in(shard):
-    return lambda d: dict.fromkeys(common.safetensors_header(d / "model.safetensors")[0], shard)
+    return lambda d: dict.fromkeys(qlora.files.safetensors_header(d / "model.safetensors")[0], shard)
 
 
 def bigger_tokenizer(d):
@@ -180,11 +185,11 @@ def model_copy(demo_root, tmp_path):
 def test_damaged_base_model_is_named_with_its_repair(case, model_copy, runs):
     damage, name, why = BASE_CASES[case]
     damage(model_copy)
-    problems, _ = common.base_model_problems(model_copy, lengths={"max_seq_len": 256})
-    hit = [p for p in problems if p.startswith(f"{common.shown(model_copy / name)}: ")]
+    problems, _ = qlora.files.base_model_problems(model_copy, lengths={"max_seq_len": 256})
+    hit = [p for p in problems if p.startswith(f"{qlora.files.shown(model_copy / name)}: ")]
     assert hit and why in hit[0] and f"repair: {DEMO_FIX}" in hit[0], problems
     with pytest.raises(SystemExit) as e:
-        common.check_base_model(model_copy, lengths={"max_seq_len": 256})
+        qlora.files.check_base_model(model_copy, lengths={"max_seq_len": 256})
     msg = str(e.value)
     assert why in msg and VERIFY in msg and "Traceback" not in msg
     assert_last_good_intact(runs)
@@ -193,15 +198,15 @@ def test_damaged_base_model_is_named_with_its_repair(case, model_copy, runs):
 def test_intact_base_and_merged_models_pass(demo_root, runs):
     """The control: no false alarm on the real layouts (one model.safetensors; an index + 5 shards)."""
     for folder in (demo_root / "models/demo-llama", runs / "merged"):
-        problems, model = common.base_model_problems(folder, lengths={"max_seq_len": 512})
+        problems, model = qlora.files.base_model_problems(folder, lengths={"max_seq_len": 512})
         assert problems == [] and model.shapes["model.embed_tokens.weight"] == (512, 128)
-    assert len(common.base_model_problems(runs / "merged")[1].shards) == 5
+    assert len(qlora.files.base_model_problems(runs / "merged")[1].shards) == 5
 
 
 def test_sequence_longer_than_the_model_is_a_config_error(demo_root):
-    problems, _ = common.base_model_problems(demo_root / "models/demo-llama", lengths={"max_len": 1024})
+    problems, _ = qlora.files.base_model_problems(demo_root / "models/demo-llama", lengths={"max_len": 1024})
     assert problems == [f"--max_len 1024 is longer than the model's max_position_embeddings 512 "
-                        f"({common.shown(demo_root / 'models/demo-llama/config.json')}): it has no position beyond "
+                        f"({qlora.files.shown(demo_root / 'models/demo-llama/config.json')}): it has no position beyond "
                         f"that; use --max_len 512 or less"]
 
 
@@ -209,16 +214,16 @@ def test_prepare_only_checks_config_and_tokenizer_not_weights(model_copy):
     """--prepare_only needs no weights nor positions: a missing shard or a max_len past the model
     is no reason to refuse a data report, but the tokenizer is still held against vocab_size."""
     (model_copy / "model.safetensors").unlink()
-    assert common.base_model_problems(model_copy, training=False, lengths={"max_len": 600})[0] == []
+    assert qlora.files.base_model_problems(model_copy, training=False, lengths={"max_len": 600})[0] == []
     bigger_tokenizer(model_copy)
-    problems, _ = common.base_model_problems(model_copy, training=False)
+    problems, _ = qlora.files.base_model_problems(model_copy, training=False)
     assert len(problems) == 1 and "700 tokens, but the model's embedding has 512 rows (config.json vocab_size)" in problems[0]
 
 
 def test_repair_hint_names_the_command_for_each_kind_of_folder(runs):
-    assert common.repair_hint(common.ROOT / "models/Llama-2-13b-hf/model-00002-of-00003.safetensors") == \
+    assert qlora.files.repair_hint(config.ROOT / "models/Llama-2-13b-hf/model-00002-of-00003.safetensors") == \
         "python download.py --files models/Llama-2-13b-hf/model-00002-of-00003.safetensors"
-    assert common.repair_hint(runs / "merged/model-00001-of-00005.safetensors") == \
+    assert qlora.files.repair_hint(runs / "merged/model-00001-of-00005.safetensors") == \
         f"delete {runs / 'merged'} and re-run `make merge`"
 
 
@@ -295,12 +300,12 @@ def test_damaged_checkpoint_is_skipped_and_resume_falls_back(case, run_copy, run
     damage, why = CKPT_CASES[case]
     step = run_copy / "step_000002"
     damage(step)
-    problems = common.resume_problems(step)
+    problems = qlora.checkpoint.resume_problems(step)
     assert len(problems) == 1 and why in problems[0] and str(step) in problems[0], problems
-    assert common.latest_checkpoint(run_copy) == run_copy / "step_000001"  # the previous good one
+    assert qlora.checkpoint.latest_checkpoint(run_copy) == run_copy / "step_000001"  # the previous good one
     out = capsys.readouterr().out
     assert why in out and "resuming from step_000001, the newest checkpoint that verifies (skipped: step_000002)" in out
-    assert not common.resume_problems(run_copy / "step_000001")
+    assert not qlora.checkpoint.resume_problems(run_copy / "step_000001")
     assert_last_good_intact(runs)
 
 
@@ -313,14 +318,14 @@ def test_checkpoint_from_before_ids_still_resumes(run_copy, capsys):
     for name in ("adapter_model.safetensors", "optimizer.safetensors", "rng.safetensors"):
         save_file(load_file(step / name), str(step / name))
     rewrite_marker(step)
-    assert common.latest_checkpoint(run_copy) == step
+    assert qlora.checkpoint.latest_checkpoint(run_copy) == step
     assert "step_000002 predates checkpoint ids: its files are checked by their hashes only" in capsys.readouterr().out
 
 
 def test_no_checkpoint_verifies_is_said(run_copy, capsys):
-    for step in common.step_folders(run_copy):
+    for step in qlora.checkpoint.step_folders(run_copy):
         (step / "COMPLETE.json").write_text("null")
-    assert common.latest_checkpoint(run_copy) is None
+    assert qlora.checkpoint.latest_checkpoint(run_copy) is None
     assert f"no checkpoint in {run_copy} verifies: starting from step 0" in capsys.readouterr().out
 
 
@@ -335,9 +340,9 @@ def fresh_model(demo_root):
     from peft import get_peft_model
     cfg = parse_args(SFTConfig, ["--preset", "demo", "--model_dir", str(demo_root / "models/demo-llama"),
                                  "--quantize_4bit", "false"])
-    model = get_peft_model(common.load_base_model(cfg.model_dir, cfg, torch.device("cpu")), common.lora_config(cfg),
+    model = get_peft_model(qlora.modeling.load_base_model(cfg.model_dir, cfg, torch.device("cpu")), qlora.modeling.lora_config(cfg),
                            adapter_name="sft")
-    return model, common.make_optimizer(common.trainable_parameters(model), cfg)
+    return model, qlora.modeling.make_optimizer(qlora.modeling.trainable_parameters(model), cfg)
 
 
 A0 = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"  # [8, 128] in the demo
@@ -366,22 +371,22 @@ def test_state_that_does_not_fit_the_model_is_refused_before_loading(case, run_c
     step = run_copy / "step_000002"
     resave(step / name, change)
     rewrite_marker(step)
-    assert common.resume_problems(step) == []
+    assert qlora.checkpoint.resume_problems(step) == []
     model, optimizer = fresh_model
-    before = [p.detach().clone() for p in common.trainable_parameters(model)]
+    before = [p.detach().clone() for p in qlora.modeling.trainable_parameters(model)]
     with pytest.raises(SystemExit) as e:
-        common.load_training_state(step, model, "sft", optimizer)
+        qlora.checkpoint.load_training_state(step, model, "sft", optimizer)
     msg = str(e.value)
     assert f"cannot resume from {step}: {step / name}: " in msg and why in msg, msg
     assert f"mv {step} {step}.bad" in msg and "Traceback" not in msg
     if name == "adapter_model.safetensors":  # refused before a single tensor was loaded
-        assert all(torch.equal(a, b) for a, b in zip(before, common.trainable_parameters(model)))
+        assert all(torch.equal(a, b) for a, b in zip(before, qlora.modeling.trainable_parameters(model)))
     assert_last_good_intact(runs)
 
 
 def test_intact_checkpoint_loads_into_the_model(runs, fresh_model):
     model, optimizer = fresh_model
-    state = common.load_training_state(runs / "sft/step_000002", model, "sft", optimizer)
+    state = qlora.checkpoint.load_training_state(runs / "sft/step_000002", model, "sft", optimizer)
     assert state["step"] == 2 and len(optimizer.state) == 28
 
 
@@ -413,11 +418,11 @@ def test_damaged_final_is_not_complete(case, run_copy, runs):
     final = run_copy / "final"
     damage(final)
     with pytest.raises(SystemExit) as e:
-        common.is_complete(final)
+        qlora.files.is_complete(final)
     msg = str(e.value)
     assert f"{final} is marked complete but damaged" in msg and why in msg
     assert f"rm -r {final}" in msg and "rebuilds it from its newest checkpoint" in msg and "Traceback" not in msg
-    assert not common.resume_problems(run_copy / "step_000002")  # what the rebuild resumes from
+    assert not qlora.checkpoint.resume_problems(run_copy / "step_000002")  # what the rebuild resumes from
     assert_last_good_intact(runs)
 
 
@@ -425,9 +430,9 @@ def test_adapter_of_another_base_is_refused(run_copy, demo_root, runs):
     final = run_copy / "final"
     resave(final / "adapter_model.safetensors", lambda t: t.update({A0: torch.zeros(8, 64)}))
     rewrite_marker(final)
-    base = common.check_base_model(demo_root / "models/demo-llama")
+    base = qlora.files.check_base_model(demo_root / "models/demo-llama")
     with pytest.raises(SystemExit) as e:
-        common.check_adapter(final, base, "dpo starts from the SFT adapter", "sft")
+        qlora.modeling.check_adapter(final, base, "dpo starts from the SFT adapter", "sft")
     msg = str(e.value)
     assert f"{final / 'adapter_model.safetensors'}: 1 LoRA pair(s) do not fit the base model's weights" in msg
     assert "model.layers.0.self_attn.q_proj.weight: lora_A [8, 64], lora_B [128, 8], base [128, 128]" in msg
@@ -440,10 +445,10 @@ def test_damaged_merged_model_is_not_complete(runs, tmp_path):
     shutil.copytree(runs / "merged", merged)
     truncate(merged / "model-00003-of-00005.safetensors")
     with pytest.raises(SystemExit) as e:
-        common.is_complete(merged, "delete it and re-run `make merge`", need=(), full=False)
+        qlora.files.is_complete(merged, "delete it and re-run `make merge`", need=(), full=False)
     assert "model-00003-of-00005.safetensors: contents do not match" in str(e.value)
     assert "re-run `make merge`" in str(e.value)
-    problems, _ = common.base_model_problems(merged)
+    problems, _ = qlora.files.base_model_problems(merged)
     assert len(problems) == 1 and "model-00003-of-00005.safetensors" in problems[0] and "truncated" in problems[0]
     assert f"delete {merged} and re-run `make merge`" in problems[0]
 
@@ -451,7 +456,7 @@ def test_damaged_merged_model_is_not_complete(runs, tmp_path):
 def test_unreadable_stage_report_is_named(run_copy, capsys):
     (run_copy / "data_report.json").write_text('{"cache_key": ')
     with pytest.raises(SystemExit) as e:
-        common.stage_data(run_copy, "sft")
+        qlora.packing.stage_data(run_copy, "sft")
     msg = str(e.value)
     assert msg.startswith(f"{run_copy / 'data_report.json'}: not valid JSON")
     assert "python sft.py --prepare_only" in msg
@@ -503,7 +508,7 @@ def test_sft_rerun_over_truncated_final_then_resume_past_a_foreign_optimizer(dem
     assert f"{step / 'optimizer.safetensors'}: not written by the save of trainer_state.json" in p.stdout
     assert "resuming from step_000001, the newest checkpoint that verifies (skipped: step_000002)" in p.stdout
     assert "at step 1/2" in p.stdout and "Traceback" not in p.stdout
-    assert common.is_complete(run_copy / "final") and not common.resume_problems(step)  # its own files again
+    assert qlora.files.is_complete(run_copy / "final") and not qlora.checkpoint.resume_problems(step)  # its own files again
     rebuilt, original = (load_file(f / "final/adapter_model.safetensors") for f in (run_copy, runs / "sft"))
     assert rebuilt.keys() == original.keys()
     for k in original:
@@ -534,14 +539,14 @@ def test_chat_names_a_truncated_merged_shard(runs, tmp_path):
     merged = tmp_path / "merged"
     shutil.copytree(runs / "merged", merged)
     truncate(merged / "model-00002-of-00005.safetensors")
-    stdout = script_fails("chat.py", "--preset", "demo", "--model_dir", merged, "--prompt", "Hi")
+    stdout = script_fails("tools/chat.py", "--preset", "demo", "--model_dir", merged, "--prompt", "Hi")
     assert f"{merged / 'model-00002-of-00005.safetensors'}: " in stdout and "(truncated or damaged)" in stdout
     assert f"repair: delete {merged} and re-run `make merge`" in stdout and "### Assistant:" not in stdout
 
 
 def test_eval_names_a_truncated_adapter(runs, run_copy, tmp_path):
     truncate(run_copy / "final/adapter_model.safetensors")
-    stdout = script_fails("eval.py", "--preset", "demo", "--sft_dir", run_copy / "final", "--dpo_dir",
+    stdout = script_fails("tools/eval.py", "--preset", "demo", "--sft_dir", run_copy / "final", "--dpo_dir",
                           runs / "sft/final", "--output_dir", tmp_path / "eval")
     assert "cannot evaluate: the sft adapter is not complete and intact" in stdout
     assert f"{run_copy / 'final/adapter_model.safetensors'}: contents do not match" in stdout
@@ -581,7 +586,7 @@ def test_real_13b_layout_passes_in_milliseconds(tmp_path, demo_root):
     tok = FIXTURES / "llama2-tokenizer.model"
     shutil.copy(tok if tok.is_file() else demo_root / "models/demo-llama/tokenizer.model", d / "tokenizer.model")
     t0 = time.time()
-    problems, model = common.base_model_problems(d, lengths={"max_seq_len": 2048})
+    problems, model = qlora.files.base_model_problems(d, lengths={"max_seq_len": 2048})
     assert problems == [] and len(model.shapes) == 40 * 9 + 3 and time.time() - t0 < 1
     assert sum((d / s).stat().st_size for s in model.shards) / 1e9 == pytest.approx(26.03, abs=0.01)
 
@@ -594,11 +599,11 @@ def test_8bit_optimizer_moments_are_checked_too():
     opt = bnb.optim.PagedAdamW8bit(params, lr=1e-3)
     sum(p.sum() for p in params).backward()
     opt.step()
-    tensors, meta = common.flatten_optimizer(opt)
-    assert common.checked_optimizer_state(opt, tensors, meta, ["a", "b"])  # its own state fits
+    tensors, meta = qlora.checkpoint.flatten_optimizer(opt)
+    assert qlora.checkpoint.checked_optimizer_state(opt, tensors, meta, ["a", "b"])  # its own state fits
     other = [torch.nn.Parameter(torch.randn(32, 128)), torch.nn.Parameter(torch.randn(8))]  # same numel
-    with pytest.raises(common.BadFile, match=r"state1 of a is \[64, 64\] torch.uint8, the parameter is \[32, 128\]"):
-        common.checked_optimizer_state(bnb.optim.PagedAdamW8bit(other, lr=1e-3), tensors, meta, ["a", "b"])
+    with pytest.raises(qlora.files.BadFile, match=r"state1 of a is \[64, 64\] torch.uint8, the parameter is \[32, 128\]"):
+        qlora.checkpoint.checked_optimizer_state(bnb.optim.PagedAdamW8bit(other, lr=1e-3), tensors, meta, ["a", "b"])
 
 
 def test_prune_never_counts_newer_folders_a_resume_skipped(tmp_path):
@@ -606,8 +611,8 @@ def test_prune_never_counts_newer_folders_a_resume_skipped(tmp_path):
     and 400 (counting 800 and 1000 as the newest would delete every good checkpoint)."""
     for s in (200, 400, 800, 1000):
         (tmp_path / f"step_{s:06d}").mkdir()
-    common.prune_checkpoints(tmp_path, 2, 400)
+    qlora.checkpoint.prune_checkpoints(tmp_path, 2, 400)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step_000200", "step_000400", "step_000800", "step_001000"]
     (tmp_path / "step_000600").mkdir()
-    common.prune_checkpoints(tmp_path, 2, 600)
+    qlora.checkpoint.prune_checkpoints(tmp_path, 2, 600)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step_000400", "step_000600", "step_000800", "step_001000"]

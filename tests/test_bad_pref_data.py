@@ -13,7 +13,7 @@ import shutil
 
 import pytest
 
-import common
+import qlora.data
 from conftest import assert_row_outcome, run, stage_args
 
 
@@ -23,7 +23,7 @@ def hh(*turns):
 
 
 # -----------------------------------------------------------------------------
-# Transcripts (common.split_hh): the final assistant turn is the reply, or a named reason.
+# Transcripts (qlora.data.split_hh): the final assistant turn is the reply, or a named reason.
 
 @pytest.mark.parametrize("name,transcript,expected", [
     ("one turn", hh("Hi?", "Hello."), (["Hi?"], "Hello.")),
@@ -45,13 +45,13 @@ def hh(*turns):
 def test_split_hh(name, transcript, expected):
     if isinstance(expected, str):
         with pytest.raises(ValueError, match=expected):
-            common.split_hh(transcript)
+            qlora.data.split_hh(transcript)
     else:
-        assert common.split_hh(transcript) == expected
+        assert qlora.data.split_hh(transcript) == expected
 
 
 # -----------------------------------------------------------------------------
-# gzip files (common.read_jsonl): a damaged file is a file-level error naming it.
+# gzip files (qlora.data.read_jsonl): a damaged file is a file-level error naming it.
 
 ROW = json.dumps({"chosen": hh("q", "good"), "rejected": hh("q", "bad")})
 
@@ -72,24 +72,24 @@ def test_damaged_gzip_is_a_file_error(tmp_path, name, make, message):
     path = tmp_path / "helpful-base" / "train.jsonl.gz"
     path.parent.mkdir()
     path.write_bytes(make())
-    report = common.DataReport("t")
+    report = qlora.data.DataReport("t")
     with pytest.raises(SystemExit) as e:
-        list(common.read_jsonl(path, report, label="helpful-base/train.jsonl.gz"))
+        list(qlora.data.read_jsonl(path, report, label="helpful-base/train.jsonl.gz"))
     assert str(e.value).startswith(f"{path}: {message}") and "make verify FULL=1" in str(e.value)
 
 
 def test_concatenated_gzip_members_are_one_file(tmp_path):
     path = tmp_path / "train.jsonl.gz"
     path.write_bytes(gz([ROW] * 2) + gz([ROW] * 3))  # what `cat a.gz b.gz` makes: valid gzip
-    report = common.DataReport("t")
-    assert [n for n, _ in common.read_jsonl(path, report)] == [1, 2, 3, 4, 5] and report.bad == 0
+    report = qlora.data.DataReport("t")
+    assert [n for n, _ in qlora.data.read_jsonl(path, report)] == [1, 2, 3, 4, 5] and report.bad == 0
 
 
 def test_gzip_of_garbage_is_counted_row_by_row(tmp_path):
     path = tmp_path / "train.jsonl.gz"
     path.write_bytes(gzip.compress(bytes(range(11, 256)) * 4 + b"\n" + ROW.encode() + b"\n"))  # no newline byte
-    report = common.DataReport("t")
-    assert [n for n, _ in common.read_jsonl(path, report, label="s/train.jsonl.gz")] == [2]
+    report = qlora.data.DataReport("t")
+    assert [n for n, _ in qlora.data.read_jsonl(path, report, label="s/train.jsonl.gz")] == [2]
     assert report.dropped == {"invalid UTF-8": [1, ["s/train.jsonl.gz:1"]]}
 
 
@@ -155,7 +155,7 @@ def test_pair_run_accounts_for_every_row_and_reports_kept_pairs_only(pair_run, d
     train = {w: e for w, e in examples.items() if "/train." in w}
     assert len(train) == report["rows_kept"] == N_GOOD + sum(r is None for _, r in PAIRS)
     # truncation is symmetric: both sides of the long pair fill max_len, and the cut side has no EOS
-    tok = common.Tokenizer(demo_root / "models/demo-llama")
+    tok = qlora.data.Tokenizer(demo_root / "models/demo-llama")
     long = examples[f"harmless-base/train.jsonl.gz:{len(PAIRS)}"]
     assert len(long["chosen"]["input_ids"]) == 192 and tok.eos_id not in long["chosen"]["input_ids"]
     assert long["rejected"]["input_ids"][-1] == tok.eos_id

@@ -1,6 +1,6 @@
 """Adversarial SFT data (Airoboros instructions.jsonl): every bad row is dropped with the right
 reason at the right line and nothing else is lost; a bad FILE stops the run naming it. The
-reader cases run in-process on common.read_jsonl (milliseconds each); the field and
+reader cases run in-process on qlora.data.read_jsonl (milliseconds each); the field and
 tokenization cases and the file-level errors run the real `sft.py --prepare_only`.
 
     .venv/bin/python -m pytest -q tests/test_bad_sft_data.py
@@ -10,16 +10,16 @@ import json
 
 import pytest
 
-import common
+import qlora.data
 from conftest import assert_row_outcome, run, stage_args
 
 GOOD = b'{"instruction": "Question?", "response": "Answer."}'
 
 
 def read(path):
-    """-> (yielded line numbers, {reason: [lines]}, report) of common.read_jsonl on one file."""
-    report = common.DataReport("t")
-    lines = [n for n, _ in common.read_jsonl(path, report)]
+    """-> (yielded line numbers, {reason: [lines]}, report) of qlora.data.read_jsonl on one file."""
+    report = qlora.data.DataReport("t")
+    lines = [n for n, _ in qlora.data.read_jsonl(path, report)]
     drops = {r: [w.rsplit(":", 1)[1] for w in ws] for r, (n, ws) in report.dropped.items()}
     return lines, drops, report
 
@@ -165,7 +165,7 @@ def test_field_run_accounts_for_every_row(field_run, demo_root):
     dropped = sum(v["count"] for v in report["rows_dropped"].values())
     assert report["rows_read"] == n_rows and report["rows_kept"] + dropped == n_rows == len(examples) + dropped
     assert report["rows_truncated"] == 1  # the long reply, and not the dropped long prompt
-    tok = common.Tokenizer(demo_root / "models/demo-llama")
+    tok = qlora.data.Tokenizer(demo_root / "models/demo-llama")
     special = examples["instructions.jsonl:10"]
     assert special["input_ids"].count(tok.eos_id) == 1 and special["input_ids"][-1] == tok.eos_id
     long = examples["instructions.jsonl:11"]

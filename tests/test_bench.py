@@ -15,7 +15,7 @@ from conftest import run
 @pytest.mark.slow  # builds or trains a model (left out by make test-fast)
 def test_bench_smoke_runs_ours_and_the_trl_baseline(tmp_path):
     out = tmp_path / "bench.json"
-    p = run("bench.py", "--size", "tiny", "--steps", "1", "--warmup", "0", "--micro_batch", "1",
+    p = run("bench/bench.py", "--size", "tiny", "--steps", "1", "--warmup", "0", "--micro_batch", "1",
             "--sft_len", "128", "--dpo_len", "96", "--out", out, timeout=900)
     assert "ours vs TRL, sft" in p.stdout and "ours vs TRL, dpo" in p.stdout, p.stdout[-3000:]
     result = json.loads(out.read_text())

@@ -5,12 +5,15 @@ clear, immediate error naming the field for unknown fields and bad values.
 """
 
 import json
+import subprocess
+import sys
 
 import pytest
 
-import config
-from config import DPOConfig, MergeConfig, SFTConfig, _parse_args, parse_args
-from conftest import run
+import qlora.cli
+from config import DPOConfig, MergeConfig, SFTConfig
+from qlora.cli import _parse_args, parse_args
+from conftest import ROOT, run
 
 
 def test_defaults_are_the_13b_recipe():
@@ -35,7 +38,7 @@ def test_switches():
     # one spelling with the hyphenated alias; a switch's explicit value is honoured, strictly
     assert parse_args(DPOConfig, ["--prepare_only=false", "--show-examples", "all"], flags=flags)[1] == \
         {"prepare_only": False, "show_examples": "all"}
-    with pytest.raises(config.ConfigError, match="prepare_only: expected true/false"):
+    with pytest.raises(qlora.cli.ConfigError, match="prepare_only: expected true/false"):
         _parse_args(DPOConfig, ["--prepare-only=maybe"], flags)
     # fields accept either spelling too
     assert parse_args(SFTConfig, ["--max-seq-len", "512"]).max_seq_len == 512
@@ -54,17 +57,17 @@ def test_switches():
     (["positional"], "unexpected argument 'positional'"),
 ])
 def test_bad_input_names_the_field(argv, needle):
-    with pytest.raises(config.ConfigError) as e:
+    with pytest.raises(qlora.cli.ConfigError) as e:
         _parse_args(SFTConfig, argv, ())
     assert needle in str(e.value)
 
 
 def test_dpo_specific_validation():
-    with pytest.raises(config.ConfigError, match="subsets"):
+    with pytest.raises(qlora.cli.ConfigError, match="subsets"):
         _parse_args(DPOConfig, ["--subsets", "harmless-base,red-team-attempts"], ())
-    with pytest.raises(config.ConfigError, match="max_prompt_len"):
+    with pytest.raises(qlora.cli.ConfigError, match="max_prompt_len"):
         _parse_args(DPOConfig, ["--max_len", "512", "--max_prompt_len", "512"], ())
-    with pytest.raises(config.ConfigError, match="max_shard_gb"):
+    with pytest.raises(qlora.cli.ConfigError, match="max_shard_gb"):
         _parse_args(MergeConfig, ["--max_shard_gb", "0"], ())
 
 
@@ -83,8 +86,10 @@ def test_help_lists_fields_with_defaults():
     assert "higher = more capacity" in p.stdout  # the field comments come along
 
 
-def test_config_module_prints_resolved_json():
-    p = run("config.py", "dpo", "--preset", "demo", "--beta", "0.3")
+def test_cli_module_prints_resolved_json():
+    # what `make check-config` runs before any stage starts
+    p = subprocess.run([sys.executable, "-m", "qlora.cli", "dpo", "--preset", "demo", "--beta", "0.3"],
+                       cwd=ROOT, capture_output=True, text=True, check=True)
     d = json.loads(p.stdout)
     assert d["beta"] == 0.3 and d["output_dir"] == "checkpoints/demo/dpo"
 

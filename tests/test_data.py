@@ -13,8 +13,9 @@ import random
 import pytest
 import torch
 
-import common
-from common import IGNORE
+import qlora.data
+import qlora.packing
+from qlora.data import IGNORE
 from conftest import FIXTURES
 
 AIROBOROS_RECORDS = [
@@ -51,8 +52,8 @@ def check_example(tok, prompt, reply, max_len=2048):
     """The trained example is exactly the prompt format as it tokenizes, and its labels are exactly
     the reply: ids == [BOS] + encode(prompt + reply) + [EOS], labelled = everything after the prompt."""
     (p_ids,) = tok.encode([prompt])
-    (r_ids,) = common.encode_replies(tok, [prompt], [p_ids], [reply], ["test"])
-    ids, labels, truncated = common.build_example(p_ids, r_ids, tok.eos_id, tok.bos_id, max_len)
+    (r_ids,) = qlora.data.encode_replies(tok, [prompt], [p_ids], [reply], ["test"])
+    ids, labels, truncated = qlora.data.build_example(p_ids, r_ids, tok.eos_id, tok.bos_id, max_len)
     (joined,) = tok.encode([prompt + reply])
     assert len(ids) == len(labels) <= max_len
     if truncated:
@@ -81,10 +82,10 @@ def check_example(tok, prompt, reply, max_len=2048):
 def test_reproduction_first_trained_token_is_the_reply_not_a_space(llama_tokenizer):
     """The bug report's case: a reply starting with a digit used to begin with a lone "▁" (29871)."""
     tok = llama_tokenizer
-    prompt = common.format_prompt(["What is 23 + 32?"])
+    prompt = qlora.data.format_prompt(["What is 23 + 32?"])
     (p_ids,) = tok.encode([prompt])
-    (r_ids,) = common.encode_replies(tok, [prompt], [p_ids], ["23 + 32 = 55."], ["test"])
-    ids, labels, _ = common.build_example(p_ids, r_ids, tok.eos_id, tok.bos_id, 2048)
+    (r_ids,) = qlora.data.encode_replies(tok, [prompt], [p_ids], ["23 + 32 = 55."], ["test"])
+    ids, labels, _ = qlora.data.build_example(p_ids, r_ids, tok.eos_id, tok.bos_id, 2048)
     first = next(l for l in labels if l != IGNORE)
     assert first != 29871 and tok.sp.id_to_piece(first) == "2"
     assert tok.decode(ids).endswith("### Assistant:\n23 + 32 = 55.")
@@ -93,9 +94,9 @@ def test_reproduction_first_trained_token_is_the_reply_not_a_space(llama_tokeniz
 
 @pytest.mark.parametrize("name,reply", REPLY_STARTS, ids=[r[0] for r in REPLY_STARTS])
 def test_labels_exact_for_every_kind_of_reply_start(llama_tokenizer, name, reply):
-    check_example(llama_tokenizer, common.format_prompt(["Answer."]), reply)
+    check_example(llama_tokenizer, qlora.data.format_prompt(["Answer."]), reply)
     # and after a multi-turn prompt, whose earlier assistant turn is tokenized the same way
-    check_example(llama_tokenizer, common.format_prompt(["Hi", reply, "Again?"]), reply)
+    check_example(llama_tokenizer, qlora.data.format_prompt(["Hi", reply, "Again?"]), reply)
 
 
 def test_a_prompt_that_is_not_a_token_prefix_is_refused(llama_tokenizer):
@@ -103,7 +104,7 @@ def test_a_prompt_that_is_not_a_token_prefix_is_refused(llama_tokenizer):
     with pytest.raises(SystemExit, match="rows.jsonl:7: the prompt's tokens are not a prefix"):
         prompt = "### Human:\nSay hello wor"  # no newline at the end: "▁wor" + "ld" merge into "▁world"
         (p_ids,) = llama_tokenizer.encode([prompt])
-        common.encode_replies(llama_tokenizer, [prompt], [p_ids], ["ld"], ["rows.jsonl:7"])
+        qlora.data.encode_replies(llama_tokenizer, [prompt], [p_ids], ["ld"], ["rows.jsonl:7"])
 
 
 def test_labels_exact_on_every_real_hh_rlhf_row(llama_tokenizer):
@@ -114,36 +115,36 @@ def test_labels_exact_on_every_real_hh_rlhf_row(llama_tokenizer):
     for row in rows:
         for side in ("chosen", "rejected"):
             try:
-                turns, reply = common.split_hh(row[side])
+                turns, reply = qlora.data.split_hh(row[side])
             except ValueError as e:
                 assert str(e) == "transcript ends on a Human turn"
                 continue
             if not reply:
                 continue
-            check_example(llama_tokenizer, common.format_prompt(turns), reply)
+            check_example(llama_tokenizer, qlora.data.format_prompt(turns), reply)
             checked += 1
     assert checked >= 390
 
 
 @pytest.mark.parametrize("category,instruction,response", AIROBOROS_RECORDS, ids=[r[0] for r in AIROBOROS_RECORDS])
 def test_labels_exact_on_airoboros_records(llama_tokenizer, category, instruction, response):
-    truncated = check_example(llama_tokenizer, common.format_prompt([instruction]), response)
+    truncated = check_example(llama_tokenizer, qlora.data.format_prompt([instruction]), response)
     assert truncated == (category == "long")
 
 
 def test_prompt_format_is_the_contract():
-    assert common.format_prompt(["Hi"]) == "### Human:\nHi\n\n### Assistant:\n"
-    assert common.format_prompt(["a", "b", "c"]) == "### Human:\na\n\n### Assistant:\nb\n\n### Human:\nc\n\n### Assistant:\n"
+    assert qlora.data.format_prompt(["Hi"]) == "### Human:\nHi\n\n### Assistant:\n"
+    assert qlora.data.format_prompt(["a", "b", "c"]) == "### Human:\na\n\n### Assistant:\nb\n\n### Human:\nc\n\n### Assistant:\n"
 
 
 def test_split_hh_takes_the_final_assistant_turn_only():
     t = "\n\nHuman: hi\n\nAssistant: hello\n\nHuman: what is 2+2?\n\nAssistant: 4"
-    assert common.split_hh(t) == (["hi", "hello", "what is 2+2?"], "4")
+    assert qlora.data.split_hh(t) == (["hi", "hello", "what is 2+2?"], "4")
     with pytest.raises(ValueError, match="not a Human/Assistant transcript"):
-        common.split_hh("no roles here")
+        qlora.data.split_hh("no roles here")
     with pytest.raises(ValueError, match="transcript ends on a Human turn"):
-        common.split_hh("\n\nHuman: hi\n\nAssistant: hello\n\nHuman: and then?")
-    assert common.split_hh("\n\nHuman: hi\n\nAssistant:") == (["hi"], "")
+        qlora.data.split_hh("\n\nHuman: hi\n\nAssistant: hello\n\nHuman: and then?")
+    assert qlora.data.split_hh("\n\nHuman: hi\n\nAssistant:") == (["hi"], "")
 
 
 def test_real_fixture_quirks_are_counted():
@@ -153,7 +154,7 @@ def test_real_fixture_quirks_are_counted():
     for line in gzip.open(path, "rt"):
         row = json.loads(line)
         try:
-            c, r = common.split_hh(row["chosen"]), common.split_hh(row["rejected"])
+            c, r = qlora.data.split_hh(row["chosen"]), qlora.data.split_hh(row["rejected"])
         except ValueError:
             continue
         same += c[0] != r[0]
@@ -164,7 +165,7 @@ def test_real_fixture_quirks_are_counted():
 def test_best_fit_packing_places_everything_once_within_capacity():
     rng = random.Random(0)
     lengths = [rng.randint(20, 2048) for _ in range(2000)]
-    bins = common.pack_best_fit(lengths, 2048)
+    bins = qlora.packing.pack_best_fit(lengths, 2048)
     flat = sorted(i for b in bins for i in b)
     assert flat == list(range(len(lengths)))
     assert all(sum(lengths[i] for i in b) <= 2048 for b in bins)
@@ -173,7 +174,7 @@ def test_best_fit_packing_places_everything_once_within_capacity():
 
 
 def test_packed_row_layout():
-    ids, labels, pos = common.make_packed_row([([1, 5, 6], [IGNORE, 5, 6]), ([1, 7], [IGNORE, 7])], 8, 0)
+    ids, labels, pos = qlora.packing.make_packed_row([([1, 5, 6], [IGNORE, 5, 6]), ([1, 7], [IGNORE, 7])], 8, 0)
     assert ids == [1, 5, 6, 1, 7, 0, 0, 0]
     assert labels == [IGNORE, 5, 6, IGNORE, 7, IGNORE, IGNORE, IGNORE]
     assert pos == [0, 1, 2, 0, 1, 0, 1, 2]

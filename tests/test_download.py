@@ -85,7 +85,7 @@ def write_sources(path, hub, revision_override=None):
 
 def run(tmp_path, endpoint, *args, sources=None):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGING", "TRANSFORMERS_"))}
-    # (the pytest process imported common.py, which sets the offline switches; they must not leak here)
+    # (the pytest process imported qlora, which sets the offline switches; they must not leak here)
     env.update(HF_ENDPOINT=endpoint, HF_HOME=str(tmp_path / "hf_home"), HF_HUB_DISABLE_PROGRESS_BARS="1",
                HF_HUB_DISABLE_TELEMETRY="1", HF_HUB_DISABLE_XET="1")
     cmd = [sys.executable, str(ROOT / "download.py"), "--root", str(tmp_path / "root"), *args]
@@ -247,7 +247,7 @@ def test_help_and_bad_only(tmp_path):
 
 
 def verify(root, *args):
-    return subprocess.run([sys.executable, str(ROOT / "verify.py"), "--root", str(root), *args],
+    return subprocess.run([sys.executable, str(ROOT / "tools/verify.py"), "--root", str(root), *args],
                           capture_output=True, text=True, timeout=120)
 
 
@@ -326,7 +326,7 @@ def test_wheels_for_an_index_free_install(tmp_path):
     assert (tmp_path / "site/tinypkg/__init__.py").is_file()
     # a wheel verify can't find is named with its repair command
     whl.unlink()
-    p = subprocess.run([sys.executable, str(ROOT / "verify.py"), "--root", str(root)], capture_output=True, text=True)
+    p = subprocess.run([sys.executable, str(ROOT / "tools/verify.py"), "--root", str(root)], capture_output=True, text=True)
     assert "wheels/tinypkg-1.0-py3-none-any.whl: missing" in p.stdout
     assert "repair: python download.py --only wheels" in p.stdout
 

@@ -1,4 +1,4 @@
-"""Protects eval.py on the 2-layer demo pipeline (CPU): it writes report.md, eval.json and
+"""Protects tools/eval.py on the 2-layer demo pipeline (CPU): it writes report.md, eval.json and
 two real PNGs atomically; it evaluates three different models (base, +SFT, +SFT+DPO) with
 finite numbers; its held-out sets are the ones training held out, proved by reproducing
 the numbers sft.py and dpo.py logged at their last eval (SFT eval loss, DPO reward
@@ -14,10 +14,10 @@ import re
 
 import pytest
 
-import common
+import qlora.files
 from conftest import run
 
-PROMPT_NAMES = ["factual", "instruction", "multi_turn", "refusal", "tool_use"]  # eval.py's PROMPTS, in order
+PROMPT_NAMES = ["factual", "instruction", "multi_turn", "refusal", "tool_use"]  # tools/eval.py's PROMPTS, in order
 MODELS = ["base", "sft", "dpo"]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -31,7 +31,7 @@ def eval_args(root, out, *extra):
 def evaluated(pipeline):
     root, _ = pipeline
     out = root / "eval"
-    p = run("eval.py", *eval_args(root, out))
+    p = run("tools/eval.py", *eval_args(root, out))
     return root, out, json.loads((out / "eval.json").read_text()), p.stdout
 
 
@@ -42,7 +42,7 @@ def test_outputs_exist_are_valid_and_complete(evaluated):
         assert data[:8] == PNG_MAGIC and len(data) > 1000, png
     assert (out / "report.md").stat().st_size > 0
     # written as a .tmp folder renamed into place, every file hashed in COMPLETE.json
-    assert not common.verify_checkpoint(out)
+    assert not qlora.files.verify_checkpoint(out)
     assert not (root / "eval.tmp").exists()
     assert sorted(p.name for p in out.iterdir()) == ["COMPLETE.json", "dpo_curves.png", "eval.json", "report.md",
                                                     "sft_loss.png"]
@@ -101,7 +101,7 @@ def test_report_has_table_plots_and_every_generation(evaluated):
 def test_caps_bound_the_work_and_are_reported(evaluated, tmp_path):
     root, _, _, _ = evaluated
     out = tmp_path / "eval"
-    run("eval.py", *eval_args(root, out, "--max_eval_pairs", "4", "--max_new_tokens", "2"))
+    run("tools/eval.py", *eval_args(root, out, "--max_eval_pairs", "4", "--max_new_tokens", "2"))
     ev = json.loads((out / "eval.json").read_text())
     assert ev["data"]["hh_pairs_evaluated"] == 4
     assert not ev["cross_checks"]["dpo_eval_reward_acc"]["same_rows"]  # a prefix of dpo.py's set: not comparable
@@ -111,12 +111,12 @@ def test_caps_bound_the_work_and_are_reported(evaluated, tmp_path):
 
 def test_refuses_incomplete_adapter_before_loading(pipeline, tmp_path):
     root, _ = pipeline
-    p = run("eval.py", "--preset", "demo", "--sft_dir", root / "checkpoints/sft/final", "--dpo_dir", tmp_path / "nope",
+    p = run("tools/eval.py", "--preset", "demo", "--sft_dir", root / "checkpoints/sft/final", "--dpo_dir", tmp_path / "nope",
             "--output_dir", tmp_path / "eval", check=False)
     assert p.returncode != 0 and "run `make train` first" in p.stdout and "Loading weights" not in p.stdout
     assert not (tmp_path / "eval").exists()
 
 
 def test_unknown_field_is_refused():
-    p = run("eval.py", "--max_eval_row", "3", check=False)
+    p = run("tools/eval.py", "--max_eval_row", "3", check=False)
     assert p.returncode != 0 and "did you mean --max_eval_rows?" in p.stdout

@@ -1,4 +1,4 @@
-"""Protects export_gguf.py (merged model -> GGUF for llama.cpp) on the demo pipeline's merged
+"""Protects tools/export_gguf.py (merged model -> GGUF for llama.cpp) on the demo pipeline's merged
 2-layer Llama: the files, their metadata (architecture, hyperparameters, tokenizer, chat
 template), llama.cpp's tensor names and q/k row layout, and that a real GGUF loader
 (transformers, which dequantizes and undoes llama.cpp's q/k permutation) reproduces the
@@ -15,7 +15,9 @@ import numpy as np
 import pytest
 import torch
 
-import common
+import config
+import qlora.checkpoint
+import qlora.data
 import conftest
 from conftest import FIXTURES, run
 
@@ -30,7 +32,7 @@ def exported(pipeline, tmp_path_factory):
     keep holding only safetensors/json for test_pipeline)."""
     root, _ = pipeline
     out = tmp_path_factory.mktemp("gguf")
-    p = run("export_gguf.py", "--preset", "demo", "--model_dir", root / "models/merged", "--out_dir", out,
+    p = run("tools/export_gguf.py", "--preset", "demo", "--model_dir", root / "models/merged", "--out_dir", out,
             "--types", "f16,q8_0")
     return root / "models/merged", out, p.stdout
 
@@ -50,10 +52,10 @@ def test_files_and_sidecars(exported):
     merged, out, stdout = exported
     assert sorted(p.name for p in out.iterdir()) == [
         "merged-f16.gguf", "merged-f16.gguf.json", "merged-q8_0.gguf", "merged-q8_0.gguf.json"]  # no .tmp, no scratch
-    complete_sha = common.sha256_file(merged / "COMPLETE.json")
+    complete_sha = config.sha256_file(merged / "COMPLETE.json")
     for t in ("f16", "q8_0"):
         rec = json.loads((out / f"merged-{t}.gguf.json").read_text())
-        assert rec["sha256"] == common.sha256_file(out / f"merged-{t}.gguf")
+        assert rec["sha256"] == config.sha256_file(out / f"merged-{t}.gguf")
         assert rec["bytes"] == (out / f"merged-{t}.gguf").stat().st_size
         assert rec["source_complete_sha256"] == complete_sha  # which merge it came from
         assert rec["verify"]["greedy_wrong"] == 0 and rec["verify"]["greedy_positions"] > 30  # 4 replies, to EOS
@@ -152,11 +154,11 @@ def test_transformers_gguf_loader_reproduces_the_model(exported, gtype):
     the reference itself was at a near-tie, within the logit tolerance)."""
     from transformers import AutoModelForCausalLM
     merged, out, _ = exported
-    tok = common.Tokenizer(merged)
+    tok = qlora.data.Tokenizer(merged)
     ref = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32).eval()
     got = AutoModelForCausalLM.from_pretrained(out, gguf_file=f"merged-{gtype}.gguf", dtype=torch.float32).eval()
     identical = 0
-    for ids in tok.encode([common.format_prompt(p) for p in PROMPTS]):
+    for ids in tok.encode([qlora.data.format_prompt(p) for p in PROMPTS]):
         ids = [tok.bos_id] + ids
         seq_ref, logits_ref = _greedy_and_logits(ref, ids)
         seq_got, _ = _greedy_and_logits(got, ids)
@@ -175,7 +177,7 @@ def test_transformers_gguf_loader_reproduces_the_model(exported, gtype):
 def test_missing_permutation_would_be_caught(exported):
     """Negative control: had the exporter skipped the q/k permutation, transformers' loader would
     apply its inverse to HF-layout rows. Those logits are far outside the tolerance above, so
-    the logit checks (here and in export_gguf.py --verify) do detect a wrong layout."""
+    the logit checks (here and in tools/export_gguf.py --verify) do detect a wrong layout."""
     from transformers import AutoModelForCausalLM
     merged, _, _ = exported
     ref = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32).eval()
@@ -187,14 +189,14 @@ def test_missing_permutation_would_be_caught(exported):
             w = proj.weight.data
             d = w.shape[0] // heads // 2  # transformers' _reverse_permute_weights on un-permuted rows
             proj.weight.data = w.reshape(heads, d, 2, -1).swapaxes(1, 2).reshape(w.shape).contiguous()
-    tok = common.Tokenizer(merged)
-    ids = torch.tensor([[tok.bos_id] + tok.encode([common.format_prompt(PROMPTS[0])])[0]])
+    tok = qlora.data.Tokenizer(merged)
+    ids = torch.tensor([[tok.bos_id] + tok.encode([qlora.data.format_prompt(PROMPTS[0])])[0]])
     with torch.no_grad():
         bad, good = broken(input_ids=ids).logits[0], ref(input_ids=ids).logits[0]
     assert (bad - good).abs().max() > 10 * LOGIT_ATOL["q8_0"]  # measured 8.7
     p_log, q_log = good.log_softmax(-1), bad.log_softmax(-1)
     kl = (p_log.exp() * (p_log - q_log)).sum(-1).mean()
-    assert kl > 20 * 5e-3, float(kl)  # export_gguf.py's q8_0 limit is 5e-3 nats; measured 0.72
+    assert kl > 20 * 5e-3, float(kl)  # tools/export_gguf.py's q8_0 limit is 5e-3 nats; measured 0.72
 
 
 def test_rerun_skips_and_damaged_file_is_rewritten(exported, tmp_path):
@@ -202,30 +204,30 @@ def test_rerun_skips_and_damaged_file_is_rewritten(exported, tmp_path):
     work = tmp_path / "gguf"
     shutil.copytree(out, work)
     args = ["--model_dir", merged, "--out_dir", work, "--types", "f16,q8_0"]
-    p = run("export_gguf.py", *args)
+    p = run("tools/export_gguf.py", *args)
     assert p.stdout.count("already exported from this merge") == 2 and "wrote" not in p.stdout
-    good = common.sha256_file(work / "merged-q8_0.gguf")
+    good = config.sha256_file(work / "merged-q8_0.gguf")
     with open(work / "merged-q8_0.gguf", "r+b") as f:  # flip one byte in the tensor data
         f.seek(-100, 2)
         b = f.read(1)
         f.seek(-100, 2)
         f.write(bytes([b[0] ^ 0xFF]))
-    p = run("export_gguf.py", *args)
+    p = run("tools/export_gguf.py", *args)
     assert "merged-q8_0.gguf: stale or damaged" in p.stdout and "merged-f16.gguf: already exported" in p.stdout
-    assert common.sha256_file(work / "merged-q8_0.gguf") == good  # deterministic: the same bytes again
+    assert config.sha256_file(work / "merged-q8_0.gguf") == good  # deterministic: the same bytes again
     assert not list(work.glob("*.tmp"))
 
 
 def test_refuses_bad_input_in_the_first_second(exported, tmp_path):
     merged, out, _ = exported
-    p = run("export_gguf.py", "--model_dir", merged, "--out_dir", tmp_path, "--types", "q4_K_M", check=False)
+    p = run("tools/export_gguf.py", "--model_dir", merged, "--out_dir", tmp_path, "--types", "q4_K_M", check=False)
     assert p.returncode != 0 and "q4_K_M" in p.stdout and "llama-quantize" in p.stdout
-    p = run("export_gguf.py", "--preset", "nope", check=False)
+    p = run("tools/export_gguf.py", "--preset", "nope", check=False)
     assert p.returncode != 0 and "invalid choice" in p.stdout
     half = tmp_path / "half"
     shutil.copytree(merged, half)
     (half / "COMPLETE.json").unlink()  # an interrupted merge
-    p = run("export_gguf.py", "--model_dir", half, "--out_dir", tmp_path, check=False)
+    p = run("tools/export_gguf.py", "--model_dir", half, "--out_dir", tmp_path, check=False)
     assert p.returncode != 0 and "run `make train` first" in p.stdout
     assert not list(tmp_path.glob("*.gguf*"))
 
@@ -243,11 +245,11 @@ def test_real_llama2_tokenizer_survives(tmp_path):
                                          num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=4096,
                                          rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False))
     folder = tmp_path / "llama2-vocab"
-    with common.AtomicFolder(folder) as tmp:  # a merged folder: files + COMPLETE.json, as merge.py leaves it
+    with qlora.checkpoint.AtomicFolder(folder) as tmp:  # a merged folder: files + COMPLETE.json, as merge.py leaves it
         model.save_pretrained(tmp, safe_serialization=True)
         shutil.copy(src, tmp / "tokenizer.model")
         (tmp / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>"}))
-    p = run("export_gguf.py", "--model_dir", folder, "--types", "f16")
+    p = run("tools/export_gguf.py", "--model_dir", folder, "--types", "f16")
     assert "warning: tokenizer_config.json has no chat_template" in p.stdout
     assert "tokenizer: the GGUF metadata reproduces tokenizer.model's ids" in p.stdout
     r = gguf.GGUFReader(folder / "llama2-vocab-f16.gguf")
@@ -262,6 +264,6 @@ def test_real_llama2_tokenizer_survives(tmp_path):
 def test_preset_picks_the_merge_stage_output(tmp_path):
     """--preset demo means MergeConfig's demo output_dir (models/demo-merged), read only; the
     files go to tmp_path. Without a demo merge in the checkout it must stop naming the fix."""
-    p = run("export_gguf.py", "--preset", "demo", "--out_dir", tmp_path, "--verify", "off", check=False)
+    p = run("tools/export_gguf.py", "--preset", "demo", "--out_dir", tmp_path, "--verify", "off", check=False)
     assert "models/demo-merged" in p.stdout.splitlines()[1]
     assert p.returncode == 0 or "make train" in p.stdout

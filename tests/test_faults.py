@@ -9,7 +9,7 @@ intact' (issue 16, faults group), on the CPU demo:
 - a full disk at every write before the first checkpoint (config.json, data_report.json,
   metrics.jsonl, the data cache) and during a save: one line naming the path, no traceback.
 
-Faults come from common._fault (QLORA_FAULT=<point>:<where>: a real signal sent to the process
+Faults come from qlora.runtime.inject_fault (QLORA_FAULT=<point>:<where>: a real signal sent to the process
 as a phase begins, a write failing exactly as safetensors fails on a full disk), from real
 full filesystems (/dev/full, and a tmpfs where this machine lets us mount one), and from
 signals sent from outside when a marker line is printed.
@@ -30,7 +30,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import common
+import qlora.checkpoint
+import qlora.files
+import qlora.runtime
 from conftest import ROOT, run, stage_args
 
 # one thread: the demo model gains nothing from more, and on a shared CPU idle OpenMP threads
@@ -82,15 +84,15 @@ def the_line(text, start):
 
 def snapshot(out):
     """Every step folder's COMPLETE.json (the sha256 of each file): equal before and after = untouched."""
-    return {p.name: (p / "COMPLETE.json").read_text() for p in common.step_folders(out)}
+    return {p.name: (p / "COMPLETE.json").read_text() for p in qlora.checkpoint.step_folders(out)}
 
 
 def assert_last_good(out, name):
     """The newest complete checkpoint is `name`, its files match their recorded hashes, every
     float tensor in it is finite, and no half-written save or final adapter is left."""
-    newest = common.latest_checkpoint(out)
-    assert newest is not None and newest.name == name, [p.name for p in common.step_folders(out)]
-    assert common.verify_checkpoint(newest) == []
+    newest = qlora.checkpoint.latest_checkpoint(out)
+    assert newest is not None and newest.name == name, [p.name for p in qlora.checkpoint.step_folders(out)]
+    assert qlora.files.verify_checkpoint(newest) == []
     for f in newest.glob("*.safetensors"):
         for k, t in load_file(f).items():
             assert not t.is_floating_point() or torch.isfinite(t).all(), f"{f.name}: {k}"
@@ -112,9 +114,9 @@ DPO_CFG = types.SimpleNamespace(lr=2e-5, grad_clip=0.0, beta=0.1)
     (0.5, float("nan"), DPO_CFG, "out/step_000006", ["gradient norm nan", "--beta (now 0.1)"]),
 ], ids=["nan-loss-finite-grad", "inf-loss-dpo", "inf-grad", "nan-grad-dpo"])
 def test_check_health_stops_on_any_non_finite_value(monkeypatch, loss, norm, cfg, ckpt, says):
-    monkeypatch.setitem(common._run, "checkpoint", ckpt)  # what find_resume / the last save recorded
+    monkeypatch.setitem(qlora.runtime.run_status, "checkpoint", ckpt)  # what find_resume / the last save recorded
     with pytest.raises(SystemExit) as e:
-        common.check_health(7, loss, torch.tensor(norm), cfg)
+        qlora.runtime.check_health(7, loss, torch.tensor(norm), cfg)
     text = str(e.value.code)
     assert all(s in text for s in says), text
     assert "stopped before this step changed the weights, nothing of it was saved" in text
@@ -124,7 +126,7 @@ def test_check_health_stops_on_any_non_finite_value(monkeypatch, loss, norm, cfg
 
 
 def test_check_health_passes_finite_values_through_as_a_float():
-    assert common.check_health(1, 0.69, torch.tensor(0.25), DPO_CFG) == 0.25
+    assert qlora.runtime.check_health(1, 0.69, torch.tensor(0.25), DPO_CFG) == 0.25
 
 
 def test_a_non_finite_loss_can_have_finite_gradients_and_nan_activations_poison_every_gradient():
@@ -147,12 +149,12 @@ def test_write_checkpoint_refuses_a_non_finite_tensor(tmp_path, file, key):
              "optimizer.safetensors": {"exp_avg": torch.ones(3), "step": torch.tensor([1], dtype=torch.int64)}}
     files[file][key] = files[file][key].clone().index_fill_(0, torch.tensor([0]), float("nan"))
     with pytest.raises(SystemExit) as e:
-        common.write_checkpoint(tmp_path / "step_000003", files, {"trainer_state.json": {"step": 3}})
+        qlora.checkpoint.write_checkpoint(tmp_path / "step_000003", files, {"trainer_state.json": {"step": 3}})
     assert f"refusing to write {tmp_path / 'step_000003'}: {file} tensor {key} has NaN/inf" in str(e.value.code)
     assert list(tmp_path.iterdir()) == []  # nothing written, not even the .tmp folder
     files[file][key] = torch.zeros_like(files[file][key])  # control: the same files, finite, are written
-    common.write_checkpoint(tmp_path / "step_000003", files, {"trainer_state.json": {"step": 3}})
-    assert common.verify_checkpoint(tmp_path / "step_000003") == []
+    qlora.checkpoint.write_checkpoint(tmp_path / "step_000003", files, {"trainer_state.json": {"step": 3}})
+    assert qlora.files.verify_checkpoint(tmp_path / "step_000003") == []
 
 
 # -----------------------------------------------------------------------------
@@ -175,7 +177,7 @@ def test_non_finite_loss_stops_the_run_and_writes_nothing(demo_root, bases, tmp_
     assert "--lr (now 1e+30)" in p.stdout and ("--beta (now 0.1)" in p.stdout) == (stage == "dpo")
     if when == "before-first-save":
         assert "no checkpoint was written yet" in p.stdout
-        assert not common.step_folders(out) and not list(out.glob("*.tmp")) and not (out / "final").exists()
+        assert not qlora.checkpoint.step_folders(out) and not list(out.glob("*.tmp")) and not (out / "final").exists()
         return
     assert f"last good checkpoint: {out / 'step_000002'}" in p.stdout
     assert snapshot(out) == before
@@ -183,7 +185,7 @@ def test_non_finite_loss_stops_the_run_and_writes_nothing(demo_root, bases, tmp_
     if stage == "sft":  # the fix: the same command with a sane lr resumes from the last good checkpoint
         p = run(f"{stage}.py", *args(demo_root, bases, stage, out), env=ONE_THREAD)
         assert "at step 2/4" in p.stdout
-        assert common.verify_checkpoint(out / "final") == []
+        assert qlora.files.verify_checkpoint(out / "final") == []
         assert all(torch.isfinite(t).all() for t in load_file(out / "final/adapter_model.safetensors").values())
 
 
@@ -215,7 +217,7 @@ def test_signal_during_start_up_is_one_line(demo_root, bases, tmp_path, stage, p
         assert not out.exists()
     else:
         assert line == f"interrupted ({signum.name}) during {phase}: no checkpoint yet; re-run the same command to start"
-        assert not common.step_folders(out) and not list(out.glob("*.tmp"))
+        assert not qlora.checkpoint.step_folders(out) and not list(out.glob("*.tmp"))
 
 
 def test_ctrl_c_from_outside_while_starting_is_one_line(demo_root, tmp_path):
@@ -278,7 +280,7 @@ def test_full_disk_before_the_first_checkpoint(demo_root, bases, tmp_path, stage
     if target != "config.json":  # (written before the data)
         assert the_line(text, "warning: could not write the data cache").endswith("continuing without it")
         assert list(cache.iterdir()) == []  # no partial cache entry
-    assert not list(out.glob("*.tmp")) and not common.step_folders(out)
+    assert not list(out.glob("*.tmp")) and not qlora.checkpoint.step_folders(out)
 
 
 def test_full_disk_during_a_save_keeps_the_last_good_checkpoint(demo_root, bases, tmp_path):
@@ -295,13 +297,13 @@ def test_full_disk_during_a_save_keeps_the_last_good_checkpoint(demo_root, bases
     assert snapshot(out) == before
     assert_last_good(out, "step_000002")
     p = run("dpo.py", *argv, env=ONE_THREAD)
-    assert "at step 2/2" in p.stdout and common.verify_checkpoint(out / "final") == []
+    assert "at step 2/2" in p.stdout and qlora.files.verify_checkpoint(out / "final") == []
 
 
 def test_full_disk_is_named_on_a_real_full_device():
     """/dev/full fails every write with ENOSPC, as a full disk does."""
     with pytest.raises(SystemExit) as e:
-        with common.writing("/dev/full"), open("/dev/full", "w") as f:
+        with qlora.runtime.writing("/dev/full"), open("/dev/full", "w") as f:
             f.write("{}")
     assert e.value.code == f"could not write /dev/full: No space left on device; {DISK_FULL}"
 

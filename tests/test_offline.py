@@ -31,7 +31,7 @@ def test_guard_denies_and_logs(tmp_path):
 
 def test_demo_pipeline_made_no_network_call(pipeline):
     root, out = pipeline
-    run("chat.py", "--preset", "demo", "--model_dir", root / "models/merged", "--prompt", "Hi")
+    run("tools/chat.py", "--preset", "demo", "--model_dir", root / "models/merged", "--prompt", "Hi")
     assert (root / "models/merged/COMPLETE.json").is_file()
     denied = NETGUARD_LOG.read_text() if NETGUARD_LOG.exists() else ""
     assert denied == "", f"an offline stage tried the network:\n{denied}"

@@ -15,8 +15,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import common
-from common import IGNORE
+import qlora.data
+import qlora.files
+import qlora.modeling
+from qlora.data import IGNORE
 from conftest import FIXTURES, run, stage_args
 
 SAFE_SUFFIXES = {".safetensors", ".json", ".jsonl"}
@@ -32,7 +34,7 @@ def test_outputs_are_only_safetensors_and_json(pipeline):
     assert sorted(p.name for p in step.iterdir()) == [
         "COMPLETE.json", "adapter_config.json", "adapter_model.safetensors", "optimizer.json",
         "optimizer.safetensors", "rng.safetensors", "trainer_state.json"]
-    assert not common.verify_checkpoint(step)
+    assert not qlora.files.verify_checkpoint(step)
     for stage in ("sft", "dpo"):
         assert (root / f"checkpoints/{stage}/config.json").is_file()
         assert (root / f"checkpoints/{stage}/data_report.json").is_file()
@@ -68,7 +70,7 @@ def test_dpo_starts_at_ln2_and_learns(pipeline):
 def test_dpo_loss_matches_hand_computation():
     pc, pr = torch.tensor([-10.0, -20.0]), torch.tensor([-12.0, -18.0])
     rc, rr = torch.tensor([-11.0, -20.0]), torch.tensor([-11.0, -19.0])
-    loss, chosen, rejected = common.dpo_loss(pc, pr, rc, rr, beta=0.1)
+    loss, chosen, rejected = qlora.modeling.dpo_loss(pc, pr, rc, rr, beta=0.1)
     # pair 0: 0.1*((-10+11) - (-12+11)) = 0.2 ; pair 1: 0.1*((-20+20) - (-18+19)) = -0.1
     assert loss.tolist() == pytest.approx([-math.log(1 / (1 + math.exp(-0.2))), -math.log(1 / (1 + math.exp(0.1)))], abs=1e-6)
     assert chosen.tolist() == pytest.approx([0.1, 0.0]) and rejected.tolist() == pytest.approx([-0.1, 0.1])
@@ -77,7 +79,7 @@ def test_dpo_loss_matches_hand_computation():
 def test_sequence_logps_sums_only_labelled_tokens():
     token_lp = torch.tensor([[-1.0, -2.0, -0.0, -0.0, -4.0]])  # token_logps output: 0 where not scored
     seq = torch.tensor([[0, 0, 0, 1, 1, 1]])
-    assert common.sequence_logps(token_lp, seq, 2).tolist() == [-3.0, -4.0]
+    assert qlora.modeling.sequence_logps(token_lp, seq, 2).tolist() == [-3.0, -4.0]
 
 
 @pytest.mark.parametrize("chunk", [0, 7, 64])
@@ -89,8 +91,8 @@ def test_chunked_logps_equal_full_logits_and_gradients(demo_root, chunk):
     cfg = types.SimpleNamespace(dtype="float32", quantize_4bit=True, gradient_checkpointing=True, lora_r=4,
                                 lora_alpha=8, lora_dropout=0.0, lora_targets="q_proj,v_proj,down_proj")
     torch.manual_seed(0)
-    model = get_peft_model(common.load_base_model(demo_root / "models/demo-llama", cfg, torch.device("cpu")),
-                           common.lora_config(cfg), adapter_name="sft")
+    model = get_peft_model(qlora.modeling.load_base_model(demo_root / "models/demo-llama", cfg, torch.device("cpu")),
+                           qlora.modeling.lora_config(cfg), adapter_name="sft")
     for n, p in model.named_parameters():
         if "lora_B" in n:
             torch.nn.init.normal_(p, std=0.05)  # B = 0 at init would make every gradient path trivial
@@ -107,7 +109,7 @@ def test_chunked_logps_equal_full_logits_and_gradients(demo_root, chunk):
     full.backward()
     want = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     model.zero_grad()
-    chunked = -common.token_logps(model, ids, pos, labels, chunk).sum()
+    chunked = -qlora.modeling.token_logps(model, ids, pos, labels, chunk).sum()
     chunked.backward()
     assert chunked.item() == pytest.approx(full.item(), rel=1e-6)
     assert want and all(torch.allclose(p.grad, want[n], rtol=1e-4, atol=1e-5) for n, p in model.named_parameters() if n in want)
@@ -121,23 +123,23 @@ def test_merged_logits_equal_base_plus_adapters(pipeline):
     base = AutoModelForCausalLM.from_pretrained(root / "models/demo-llama", dtype=torch.float32)
     model = PeftModel.from_pretrained(base, root / "checkpoints/sft/final", adapter_name="sft")
     model.load_adapter(root / "checkpoints/dpo/final", adapter_name="dpo")
-    common.set_active_adapters(model, ["sft", "dpo"])
+    qlora.modeling.set_active_adapters(model, ["sft", "dpo"])
     merged = AutoModelForCausalLM.from_pretrained(root / "models/merged", dtype=torch.float32)
     ids = torch.randint(3, 500, (2, 40), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         a = model.eval()(input_ids=ids).logits
         b = merged.eval()(input_ids=ids).logits
-        common.set_active_adapters(model, [])
+        qlora.modeling.set_active_adapters(model, [])
         c = model(input_ids=ids).logits
     torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-4)
     assert (c - a).abs().max() > 1e-3  # the adapters do change the model: the check has teeth
-    assert not common.verify_checkpoint(root / "models/merged")
+    assert not qlora.files.verify_checkpoint(root / "models/merged")
     assert len(list((root / "models/merged").glob("model-*-of-*.safetensors"))) > 1  # sharded
 
 
 def test_chat_answers_from_the_merged_model(pipeline):
     root, _ = pipeline
-    p = run("chat.py", "--preset", "demo", "--model_dir", root / "models/merged", "--prompt", "What is 2 + 3?",
+    p = run("tools/chat.py", "--preset", "demo", "--model_dir", root / "models/merged", "--prompt", "What is 2 + 3?",
             "--max_new_tokens", "8")
     assert "### Assistant:" in p.stdout
 
@@ -147,14 +149,14 @@ def test_chat_base_plus_adapters_equals_merged_and_runs_in_4bit(pipeline):
     the merged model also loads in NF4 for small cards."""
     root, _ = pipeline
     ask = ["--preset", "demo", "--prompt", "What is the capital of France?", "--max_new_tokens", "16"]
-    merged = run("chat.py", *ask, "--model_dir", root / "models/merged").stdout
-    stacked = run("chat.py", *ask, "--model_dir", root / "models/demo-llama", "--quantize_4bit", "false",
+    merged = run("tools/chat.py", *ask, "--model_dir", root / "models/merged").stdout
+    stacked = run("tools/chat.py", *ask, "--model_dir", root / "models/demo-llama", "--quantize_4bit", "false",
                   "--adapters", f"{root}/checkpoints/sft/final,{root}/checkpoints/dpo/final").stdout
     answer = lambda out: out.split("### Assistant:", 1)[1].strip()  # noqa: E731
     assert answer(merged) and answer(stacked) == answer(merged)
-    nf4 = run("chat.py", *ask, "--model_dir", root / "models/merged", "--quantize_4bit", "true").stdout
+    nf4 = run("tools/chat.py", *ask, "--model_dir", root / "models/merged", "--quantize_4bit", "true").stdout
     assert "### Assistant:" in nf4
-    bad = run("chat.py", *ask, "--model_dir", root / "models/demo-llama", "--adapters", root / "nope", check=False)
+    bad = run("tools/chat.py", *ask, "--model_dir", root / "models/demo-llama", "--adapters", root / "nope", check=False)
     assert bad.returncode != 0 and "--adapters" in bad.stdout
 
 
@@ -212,7 +214,7 @@ def test_chat_template_renders_the_training_prompt(pipeline):
     messages = [{"role": "user" if i % 2 == 0 else "assistant", "content": t} for i, t in enumerate(turns)]
     rendered = jinja2.Template(template).render(messages=messages, bos_token="<s>", eos_token="</s>",
                                                 add_generation_prompt=True)
-    assert rendered == "<s>" + common.format_prompt(turns)
+    assert rendered == "<s>" + qlora.data.format_prompt(turns)
 
 
 @pytest.mark.parametrize("tokenizer", ["demo", "llama2"])
@@ -226,13 +228,13 @@ def test_chat_template_tokenizes_as_training_did(pipeline, tmp_path, tokenizer):
     shutil.copytree(root / "models/merged", folder, ignore=shutil.ignore_patterns("*.safetensors"))
     if tokenizer == "llama2":
         shutil.copy(FIXTURES / "llama2-tokenizer.model", folder / "tokenizer.model")
-    hf, tok = AutoTokenizer.from_pretrained(folder), common.Tokenizer(folder)
+    hf, tok = AutoTokenizer.from_pretrained(folder), qlora.data.Tokenizer(folder)
     turns = ["What is 23 + 32?", "55, since 23 + 32 = 55.", "And 10 + 10?\nJust the number."]
     messages = [{"role": "user" if i % 2 == 0 else "assistant", "content": t} for i, t in enumerate(turns)]
     got = hf.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
-    assert got == [tok.bos_id] + tok.encode([common.format_prompt(turns)])[0]
+    assert got == [tok.bos_id] + tok.encode([qlora.data.format_prompt(turns)])[0]
     # the assistant turn inside that prompt is exactly what training labelled for it
-    prompt = common.format_prompt(turns[:1])
+    prompt = qlora.data.format_prompt(turns[:1])
     (p_ids,) = tok.encode([prompt])
-    (r_ids,) = common.encode_replies(tok, [prompt], [p_ids], [turns[1]], ["test"])
+    (r_ids,) = qlora.data.encode_replies(tok, [prompt], [p_ids], [turns[1]], ["test"])
     assert got[1:1 + len(p_ids) + len(r_ids)] == p_ids + r_ids

@@ -34,7 +34,7 @@ def test_copy_to_another_path_and_continue(tmp_path):
     first.mkdir(parents=True)
     for f in list(ROOT.glob("*.py")) + [ROOT / "Makefile", ROOT / "requirements.lock"]:
         shutil.copy2(f, first / f.name)
-    subprocess.run([str(VENV / "bin/python"), "demo_assets.py"], cwd=first, check=True, capture_output=True)
+    subprocess.run([str(VENV / "bin/python"), "tools/demo_assets.py"], cwd=first, check=True, capture_output=True)
 
     # start the demo training and kill -9 the whole process group once a checkpoint exists
     proc = make(first, "train")

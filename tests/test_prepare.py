@@ -158,8 +158,8 @@ def _read_rows(path):
 def test_show_examples_are_the_trained_ids_in_file_order(demo_root, tmp_path):
     """--show_examples N: the first N kept rows, in file order, unpacked, each exactly
     [BOS] + encode(prompt + reply) + [EOS] with -100 over BOS + prompt (the real data path)."""
-    import common
-    tok = common.Tokenizer(demo_root / "models/demo-llama")
+    import qlora.data
+    tok = qlora.data.Tokenizer(demo_root / "models/demo-llama")
     data = write_airoboros(tmp_path / "data", [])
     lines = (data / "instructions.jsonl").read_text().splitlines()
     lines[1] = '{"instruction": "", "response": "dropped: empty"}'  # line 2 is not kept: skipped in the listing
@@ -170,7 +170,7 @@ def test_show_examples_are_the_trained_ids_in_file_order(demo_root, tmp_path):
     rows = _read_rows(data / "instructions.jsonl")
     for e in shown:
         row = rows[int(e["where"].rsplit(":", 1)[1])]
-        prompt = common.format_prompt([row["instruction"]])
+        prompt = qlora.data.format_prompt([row["instruction"]])
         (p_ids,) = tok.encode([prompt])
         assert e["input_ids"] == [tok.bos_id] + tok.encode([prompt + row["response"]])[0] + [tok.eos_id]
         assert e["labels"] == [-100] * (1 + len(p_ids)) + e["input_ids"][1 + len(p_ids):]
@@ -185,8 +185,8 @@ def test_show_examples_are_the_trained_ids_in_file_order(demo_root, tmp_path):
 
 
 def test_show_examples_dpo_both_sides(demo_root, tmp_path):
-    import common
-    tok = common.Tokenizer(demo_root / "models/demo-llama")
+    import qlora.data
+    tok = qlora.data.Tokenizer(demo_root / "models/demo-llama")
     data = demo_root / "data/demo/hh-rlhf"
     p = dpo_prepare(demo_root, data, tmp_path / "out", "--subsets", "helpful-base", "--show_examples", "2")
     shown = json.loads((tmp_path / "out/examples.json").read_text())
@@ -195,8 +195,8 @@ def test_show_examples_dpo_both_sides(demo_root, tmp_path):
     for e in shown:
         row = rows[int(e["where"].rsplit(":", 1)[1])]
         for side in ("chosen", "rejected"):
-            turns, reply = common.split_hh(row[side])
-            prompt = common.format_prompt(turns)
+            turns, reply = qlora.data.split_hh(row[side])
+            prompt = qlora.data.format_prompt(turns)
             (p_ids,) = tok.encode([prompt])
             assert e[side]["input_ids"] == [tok.bos_id] + tok.encode([prompt + reply])[0] + [tok.eos_id]
             assert e[side]["labels"][:1 + len(p_ids)] == [-100] * (1 + len(p_ids))

@@ -18,7 +18,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import common
+import qlora.checkpoint
+import qlora.files
 from conftest import ROOT, run, stage_args
 
 # dropout on: the torch RNG stream must be restored for the losses to match
@@ -97,8 +98,8 @@ def test_signal_saves_then_resume_matches(demo_root, sft_full, tmp_path, sig):
     rest = proc.stdout.read()
     assert proc.wait() == 128 + sig, rest
     assert "resume with the same command" in rest
-    steps = common.step_folders(out)
-    assert steps and not common.verify_checkpoint(steps[-1])  # saved where it stopped
+    steps = qlora.checkpoint.step_folders(out)
+    assert steps and not qlora.files.verify_checkpoint(steps[-1])  # saved where it stopped
     if not (out / "final").exists():  # (unless it had already finished all 14 steps)
         run("sft.py", *stage_args(demo_root, "sft", output_dir=out), *SFT[:2], "--save_steps", "100", *SFT[4:])
     assert_same_run(sft_full, out)
@@ -112,7 +113,7 @@ def test_second_ctrl_c_exits_at_once(demo_root, tmp_path):
     proc.send_signal(signal.SIGINT)
     assert proc.wait(timeout=60) == 130
     assert not [p for p in out.iterdir() if p.name.startswith("step_") and not p.name.endswith(".tmp")
-                and common.verify_checkpoint(p)]  # no half checkpoint is left looking complete
+                and qlora.files.verify_checkpoint(p)]  # no half checkpoint is left looking complete
 
 
 @pytest.mark.parametrize("point", ["mid_write", "before_marker", "before_rename"])
@@ -122,7 +123,7 @@ def test_kill_9_inside_save_keeps_last_good_checkpoint(demo_root, sft_full, tmp_
     proc.stdout.read()
     assert proc.wait() == -signal.SIGKILL
     assert (out / "step_000004.tmp").is_dir() and not (out / "step_000004").exists()
-    assert not common.verify_checkpoint(out / "step_000002")
+    assert not qlora.files.verify_checkpoint(out / "step_000002")
     p = run("sft.py", *stage_args(demo_root, "sft", output_dir=out), *SFT)
     assert "ignoring incomplete save" in p.stdout and "at step 2/14" in p.stdout
     assert_same_run(sft_full, out)
@@ -134,7 +135,7 @@ def test_full_disk_during_save_is_a_clear_error(demo_root, tmp_path):
             env={"QLORA_FAULT": "enospc:2"})
     assert p.returncode != 0
     assert "could not write" in p.stdout and "No space left on device" in p.stdout and "Traceback" not in p.stdout
-    assert not common.verify_checkpoint(out / "step_000002")
+    assert not qlora.files.verify_checkpoint(out / "step_000002")
     assert not (out / "step_000004.tmp").exists()
 
 
@@ -160,7 +161,7 @@ def test_corrupt_checkpoint_is_named_and_skipped(demo_root, sft_full, tmp_path):
 def test_retention_keeps_the_newest(demo_root, tmp_path):
     out = tmp_path / "run"
     run("sft.py", *stage_args(demo_root, "sft", output_dir=out), "--max_steps", "8", "--save_steps", "2", "--keep_last", "2")
-    assert [p.name for p in common.step_folders(out)] == ["step_000006", "step_000008"]
+    assert [p.name for p in qlora.checkpoint.step_folders(out)] == ["step_000006", "step_000008"]
 
 
 def test_8bit_optimizer_state_resumes_exactly(demo_root, tmp_path):

@@ -4,8 +4,8 @@ train set, how long `sft.py --prepare_only` takes on an Airoboros-sized file, ho
 prepared-data cache saves, and how full the packed SFT rows are on an Airoboros-like
 length mix. CPU only, no model, no download.
 
-    python bench_data.py                    # what `make bench-data` runs
-    python bench_data.py --scale 0.1        # a 10% run, for a quick look
+    python bench/bench_data.py                    # what `make bench-data` runs
+    python bench/bench_data.py --scale 0.1        # a 10% run, for a quick look
 
 Inputs are synthetic but shaped like the real thing, and written in the real on-disk formats:
   hh-rlhf   the 200 real rows of tests/fixtures (or the demo's rows when that folder is
@@ -33,9 +33,10 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from config import LLAMA2_13B_CONFIG
+ROOT = Path(__file__).resolve().parents[1]  # the repo root (this file is bench/*.py)
+sys.path.insert(0, str(ROOT))
 
-ROOT = Path(__file__).resolve().parent
+from config import LLAMA2_13B_CONFIG  # noqa: E402
 FIXTURES = ROOT / "tests" / "fixtures"  # ship with the repo (licences: tests/fixtures/NOTICE)
 HH_TRAIN_ROWS = {"harmless-base": 42537, "helpful-base": 43835, "helpful-online": 22007,
                  "helpful-rejection-sampled": 52421}  # the real train sizes (REFERENCE.md)
@@ -53,7 +54,7 @@ AIROBOROS_MIX = {
 ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
 ap.add_argument("--scale", type=float, default=1.0, help="fraction of the real sizes to generate")
 ap.add_argument("--airoboros_rows", type=int, default=40000, help="SFT records at scale 1 (an estimate of the real file)")
-ap.add_argument("--out", default=str(ROOT / "docs/bench_data.json"), help="where the JSON result goes (the committed record)")
+ap.add_argument("--out", default=str(ROOT / "bench/bench_data.json"), help="where the JSON result goes (the committed record)")
 args = ap.parse_args()
 rng = random.Random(0)
 work = Path(tempfile.mkdtemp(prefix="bench_data_"))
@@ -67,7 +68,7 @@ if (FIXTURES / "llama2-tokenizer.model").is_file():
     shutil.copy(FIXTURES / "llama2-tokenizer.model", model_dir / "tokenizer.model")
     tokenizer_name = "Llama-2 (real)"
 else:
-    subprocess.run([sys.executable, str(ROOT / "demo_assets.py"), "--out", str(work / "demo")], check=True,
+    subprocess.run([sys.executable, str(ROOT / "tools/demo_assets.py"), "--out", str(work / "demo")], check=True,
                    stdout=subprocess.DEVNULL)
     shutil.copy(work / "demo/models/demo-llama/tokenizer.model", model_dir / "tokenizer.model")
     tokenizer_name = "demo 512-piece BPE (tests/fixtures absent)"
@@ -157,7 +158,7 @@ for stage, script, extra in (
 result = {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d"), "machine": platform.machine(),
           "cpus": os.cpu_count(), "processor": platform.processor() or platform.platform(),
           "command": "python " + " ".join(sys.argv), "tokenizer": tokenizer_name, "scale": args.scale,
-          "airoboros_mix": "synthetic, see AIROBOROS_MIX in bench_data.py", **results}
+          "airoboros_mix": "synthetic, see AIROBOROS_MIX in bench/bench_data.py", **results}
 print(f"\n{'stage':<6}{'rows read':>12}{'kept':>10}{'cold s':>9}{'warm s':>9}  notes")
 for stage, r in results.items():
     note = (f"packing {r['packing_efficiency']:.2%} of {r['train_rows']:,} rows" if stage == "sft"

@@ -4,8 +4,8 @@ fp16 weights in 4 shards, like the 13B's 26 GB in 3) with two random rank-r adap
 seven projections, merged by the real merge.py in a child process whose peak RSS is read from
 the kernel (getrusage: ru_maxrss of the waited-for child).
 
-    python bench_merge.py                          # what `make bench-merge` runs
-    python bench_merge.py --layers 4 --shard_gb 0.1
+    python bench/bench_merge.py                          # what `make bench-merge` runs
+    python bench/bench_merge.py --layers 4 --shard_gb 0.1
 
 What to expect: merge.py streams one base tensor at a time into an output shard of at most
 --max_shard_gb, so its peak is roughly  interpreter + torch (~0.4 GB)  +  both adapters in fp32
@@ -28,7 +28,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent
+ROOT = Path(__file__).resolve().parents[1]  # the repo root (this file is bench/*.py)
 sys.path.insert(0, str(ROOT))
 
 ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -37,13 +37,13 @@ ap.add_argument("--layers", type=int, default=8, help="decoder layers of the sca
 ap.add_argument("--base_shards", type=int, default=4, help="shards the base is written in")
 ap.add_argument("--lora_r", type=int, default=64, help="rank of both random adapters")
 ap.add_argument("--max_shard_gb", type=float, default=0.25, help="merge.py's output shard size")
-ap.add_argument("--out", default=str(ROOT / "docs/bench_merge.json"), help="where the JSON result goes (the committed record)")
+ap.add_argument("--out", default=str(ROOT / "bench/bench_merge.json"), help="where the JSON result goes (the committed record)")
 args = ap.parse_args()
 
 import torch  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
-import common  # noqa: E402
+import qlora.checkpoint
 
 work = Path(tempfile.mkdtemp(prefix="bench_merge_"))
 base, h, inter, vocab = work / "base", args.hidden, int(args.hidden * 2.7), 32000
@@ -87,7 +87,7 @@ for stage in ("sft", "dpo"):
             tensors[key + ".lora_A.weight"] = torch.randn(args.lora_r, shape[1], generator=g) * 0.01
             tensors[key + ".lora_B.weight"] = torch.randn(shape[0], args.lora_r, generator=g) * 0.01
     adapter_bytes += sum(t.numel() * 4 for t in tensors.values())
-    common.write_checkpoint(work / stage, {"adapter_model.safetensors": tensors}, {"adapter_config.json": {
+    qlora.checkpoint.write_checkpoint(work / stage, {"adapter_model.safetensors": tensors}, {"adapter_config.json": {
         "r": args.lora_r, "lora_alpha": 16, "target_modules": list(targets), "peft_type": "LORA"}})
 print(f"scaled model: {base_bytes / 1e9:.2f} GB fp16 in {args.base_shards} shards, "
       f"adapters {adapter_bytes / 1e9:.2f} GB fp32 (r={args.lora_r}), output shards <= {args.max_shard_gb} GB")
@@ -105,7 +105,7 @@ if p.returncode != 0:
 peak_gb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024 / 1e9  # Linux reports KiB
 
 # Baseline: the same interpreter importing what merge.py imports, doing nothing.
-idle = subprocess.run([sys.executable, "-c", "import resource, common, torch\n"
+idle = subprocess.run([sys.executable, "-c", "import resource, qlora.modeling, torch\n"
                        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9)"],
                       cwd=ROOT, capture_output=True, text=True)
 idle_gb = float(idle.stdout.strip())

@@ -1,9 +1,9 @@
 """
 Evaluate the trained pipeline: the base model, base + SFT adapter, base + SFT + DPO adapters.
 
-    python eval.py                     # after `make train` (what `make eval` does), offline
-    python eval.py --preset demo       # the 2-layer CPU demo, after `make demo`
-    python eval.py --help              # every field with its default
+    python tools/eval.py                     # after `make train` (what `make eval` does), offline
+    python tools/eval.py --preset demo       # the 2-layer CPU demo, after `make demo`
+    python tools/eval.py --help              # every field with its default
 
 What it measures, for each of the three models, on data the training never saw:
   1. SFT: loss and perplexity on the Airoboros records sft.py held out (same seed, same
@@ -24,24 +24,37 @@ config.json (seed, eval_fraction, max_seq_len, subsets, eval_pairs, max_len, bet
 so the held-out sets are the ones training held out, not a re-typed copy of them.
 """
 
-import common  # first: switches the HF libraries to offline before they are imported
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as tools/x.py: config.py and qlora/ live at the root
+
+from qlora.runtime import fmt_duration, phase, pick_device, pick_dtype  # noqa: E402
+from qlora.files import (  # noqa: E402
+    check_base_model, FINAL_FILES, model_files, require_files, require_output_dirs, verify_checkpoint
+)
+from qlora.data import format_prompt, IGNORE, Tokenizer  # noqa: E402
+from qlora.packing import pack_pairs, pairs_from_cache, stage_data  # noqa: E402
+from qlora.modeling import (  # noqa: E402
+    dpo_loss, load_base_model, lora_shape_problems, sequence_logps, set_active_adapters, token_logps
+)
+from qlora.checkpoint import AtomicFolder  # noqa: E402
 
 import json
 import math
-import sys
 import time
 import types
 
 import torch
 
-from common import IGNORE, Tokenizer
-from config import HUMAN, TURN_SEP, EvalConfig, parse_args, print_config, resolve, to_dict
+from config import HUMAN, TURN_SEP, EvalConfig
 
 
 # The prompts every model answers, greedy. One of each kind of behaviour the two stages
+from qlora.cli import parse_args, print_config, resolve, to_dict
 # should change: knowledge, following an instruction, using earlier turns, declining a
 # harmful request (hh-rlhf's "harmless" half), and Airoboros' agent / ReAct tool format.
-# A list of turns: [human] or [human, assistant, human, ...], formatted by common.format_prompt.
+# A list of turns: [human] or [human, assistant, human, ...], formatted by format_prompt.
 PROMPTS = {
     "factual": ["What is the capital of Australia, and why was it chosen over Sydney and Melbourne?"],
     "instruction": ["Write a haiku about a lighthouse in winter. Then explain its imagery in one sentence."],
@@ -65,18 +78,18 @@ PROMPTS = {
         "the James Webb Space Telescope?"],
 }
 MODELS = {"base": [], "sft": ["sft"], "dpo": ["sft", "dpo"]}  # model name -> LoRA adapters active in its forward
-STOP_TEXT = TURN_SEP + HUMAN.rstrip("\n")  # "\n\n### Human:": the model starting the user's next turn (as chat.py)
+STOP_TEXT = TURN_SEP + HUMAN.rstrip("\n")  # "\n\n### Human:": the model starting the user's next turn (as tools/chat.py)
 
 cfg = parse_args(EvalConfig, sys.argv[1:])
 print_config(cfg)
 t_start = time.time()
 sft_dir, dpo_dir, out_dir = resolve(cfg.sft_dir), resolve(cfg.dpo_dir), resolve(cfg.output_dir)
-common.require_output_dirs(cfg, "output_dir", whole=True)
+require_output_dirs(cfg, "output_dir", whole=True)
 for stage, folder in (("sft", sft_dir), ("dpo", dpo_dir)):
     if not folder.is_dir():
         sys.exit(f"cannot evaluate: no {stage} adapter at {folder}; run `make train` first (a day on the real "
                  f"model; `make train PRESET=demo` for the demo)")
-    problems = common.verify_checkpoint(folder, common.FINAL_FILES)  # hashes: never report numbers of a half-written adapter
+    problems = verify_checkpoint(folder, FINAL_FILES)  # hashes: never report numbers of a half-written adapter
     if problems:
         sys.exit(f"cannot evaluate: the {stage} adapter is not complete and intact ({'; '.join(problems)}); "
                  f"run `make {stage}` first")
@@ -101,12 +114,12 @@ inherited = {
                                             "beta", "micro_batch_size", "dtype", "quantize_4bit")},
 }
 print("inherited from the adapters' config.json:\n" + json.dumps(inherited, indent=2))
-common.require_files(common.model_files(sft_cfg.model_dir),
-                     "python demo_assets.py" if "demo" in sft_cfg.model_dir else "make download-datasets-and-models")
+require_files(model_files(sft_cfg.model_dir),
+                     "python tools/demo_assets.py" if "demo" in sft_cfg.model_dir else "make download-datasets-and-models")
 # the base's files against each other, then the (verified) adapters' shapes against it: before any heavy work
-base = common.check_base_model(sft_cfg.model_dir)
+base = check_base_model(sft_cfg.model_dir)
 for stage, folder in (("sft", sft_dir), ("dpo", dpo_dir)):
-    if problems := common.lora_shape_problems(folder, base):
+    if problems := lora_shape_problems(folder, base):
         sys.exit(f"cannot evaluate: the {stage} adapter does not fit {sft_cfg.model_dir}: {'; '.join(problems)}")
 tok = Tokenizer(sft_cfg.model_dir)
 
@@ -116,7 +129,7 @@ tok = Tokenizer(sft_cfg.model_dir)
 # training used). Nothing is re-tokenized or re-split here, so the eval can never drift from
 # training's held-out rows and pairs. The test checks the numbers equal what training logged.
 
-sft_data_t, sft_data_report, _ = common.stage_data(sft_dir.parent, "sft")
+sft_data_t, sft_data_report, _ = stage_data(sft_dir.parent, "sft")
 n_packed = len(sft_data_t["eval_ids"])  # sft.py's held-out rows, packed exactly as it evaluated them
 n_rows = n_packed if cfg.max_eval_rows == 0 else min(cfg.max_eval_rows, n_packed)
 sft_rows = [sft_data_t[f"eval_{k}"][:n_rows] for k in ("ids", "labels", "pos")]  # [n_rows, max_seq_len] each
@@ -126,8 +139,8 @@ n_heldout = sft_data_report["eval_examples"]
 print(f"sft held-out: {n_heldout} records -> {n_packed} packed rows, evaluating {n_rows}")
 del sft_data_t
 
-dpo_data_t, dpo_data_report, _ = common.stage_data(dpo_dir.parent, "dpo")
-pairs = common.pairs_from_cache(dpo_data_t, "eval")  # dpo.py's held-out pairs, in its order
+dpo_data_t, dpo_data_report, _ = stage_data(dpo_dir.parent, "dpo")
+pairs = pairs_from_cache(dpo_data_t, "eval")  # dpo.py's held-out pairs, in its order
 dpo_logged_pairs = len(pairs)  # the pairs behind its final eval_acc / eval_margin
 n_pairs = len(pairs) if cfg.max_eval_pairs == 0 else min(cfg.max_eval_pairs, len(pairs))
 pairs = pairs[:n_pairs]  # or a prefix of them, to bound the cost
@@ -142,18 +155,18 @@ del dpo_data_t
 
 from peft import PeftModel  # noqa: E402  (after the data: a data error costs seconds, not a model load)
 
-device = common.pick_device()
+device = pick_device()
 if device.type == "cuda":
     torch.backends.cuda.matmul.allow_tf32 = True  # as in training: the logged numbers used TF32 too
     torch.backends.cudnn.allow_tf32 = True
 # no gradient checkpointing: nothing is backpropagated (and HF skips it in eval mode anyway)
 load_cfg = types.SimpleNamespace(dtype=dpo_cfg.dtype, quantize_4bit=dpo_cfg.quantize_4bit, gradient_checkpointing=False)
-model = common.load_base_model(sft_cfg.model_dir, load_cfg, device)
+model = load_base_model(sft_cfg.model_dir, load_cfg, device)
 model = PeftModel.from_pretrained(model, sft_dir, adapter_name="sft", is_trainable=False)
 model.load_adapter(dpo_dir, adapter_name="dpo", is_trainable=False)
 model.eval()  # dropout off (the SFT adapter has 0.05): the reference must be deterministic, as in dpo.py
-common.phase("evaluation")  # what a Ctrl+C from here on says it interrupted
-dtype = common.pick_dtype(load_cfg.dtype, device)
+phase("evaluation")  # what a Ctrl+C from here on says it interrupted
+dtype = pick_dtype(load_cfg.dtype, device)
 print(f"model: {sft_cfg.model_dir} ({'NF4' if load_cfg.quantize_4bit else 'unquantized'}, {dtype}) on {device}, "
       f"adapters {cfg.sft_dir} + {cfg.dpo_dir}")
 results = {name: {} for name in MODELS}
@@ -164,12 +177,12 @@ results = {name: {} for name in MODELS}
 
 with torch.no_grad():
     for name, adapters in MODELS.items():
-        common.set_active_adapters(model, adapters)
+        set_active_adapters(model, adapters)
         t0, total, count = time.time(), 0.0, 0
         for i in range(0, n_rows, sft_cfg.micro_batch_size):  # sft.py's batch shape: same numerics
             ids, labels, pos = (t[i:i + sft_cfg.micro_batch_size] for t in sft_rows)
-            # the very loss sft.py computes (common.token_logps, same chunking): same numbers as it logged
-            logp = common.token_logps(model, ids.to(device), pos.to(device), labels.to(device),
+            # the very loss sft.py computes (token_logps, same chunking): same numbers as it logged
+            logp = token_logps(model, ids.to(device), pos.to(device), labels.to(device),
                                       getattr(sft_cfg, "logits_chunk", 1024))
             total += -logp.sum().item()
             count += int((labels[:, 1:] != IGNORE).sum())
@@ -202,11 +215,11 @@ with torch.no_grad():
     t0 = time.time()
     for i in range(0, len(pairs), dpo_cfg.micro_batch_size):
         batch = pairs[i:i + dpo_cfg.micro_batch_size]
-        ids, labels, pos, seq = (t.to(device) for t in common.pack_pairs(batch))  # as dpo.py packs them
+        ids, labels, pos, seq = (t.to(device) for t in pack_pairs(batch))  # as dpo.py packs them
         for name, adapters in MODELS.items():
-            common.set_active_adapters(model, adapters)
-            lp = common.token_logps(model, ids, pos, labels, getattr(dpo_cfg, "logits_chunk", 1024))
-            logps[name].append(common.sequence_logps(lp, seq, 2 * len(batch)).view(-1, 2).cpu())
+            set_active_adapters(model, adapters)
+            lp = token_logps(model, ids, pos, labels, getattr(dpo_cfg, "logits_chunk", 1024))
+            logps[name].append(sequence_logps(lp, seq, 2 * len(batch)).view(-1, 2).cpu())
     print(f"preference eval: {len(pairs)} pairs x {len(MODELS)} models in {time.time() - t0:.1f}s", flush=True)
 
 # reply + EOS tokens per side: the length normalisation, and a length-bias diagnostic
@@ -226,7 +239,7 @@ if len(pairs):
     sums = {"dpo_loss": 0.0, "dpo_reward_acc": 0.0, "dpo_margin": 0.0}
     for i in range(0, len(pairs), dpo_cfg.micro_batch_size):
         pol, ref = logps["dpo"][i:i + dpo_cfg.micro_batch_size], logps["sft"][i:i + dpo_cfg.micro_batch_size]
-        loss, rc, rr = common.dpo_loss(pol[:, 0], pol[:, 1], ref[:, 0], ref[:, 1], dpo_cfg.beta)
+        loss, rc, rr = dpo_loss(pol[:, 0], pol[:, 1], ref[:, 0], ref[:, 1], dpo_cfg.beta)
         sums["dpo_loss"] += loss.sum().item()
         sums["dpo_reward_acc"] += (rc > rr).float().sum().item()
         sums["dpo_margin"] += (rc - rr).sum().item()
@@ -240,17 +253,17 @@ for name in MODELS:
 
 # -----------------------------------------------------------------------------
 # 3. Generations: greedy, KV cache, stop at EOS or when the model starts a "### Human:"
-# turn itself. chat.py's loop without streaming or sampling (chat.py is a script that
+# turn itself. tools/chat.py's loop without streaming or sampling (tools/chat.py is a script that
 # parses its own argv at import, so it cannot be imported). Greedy: one reply per model
 # and prompt, reproducible, so the three stages differ only by their weights.
 
 generations = []
 with torch.no_grad():
     for key, turns in PROMPTS.items():
-        prompt_ids = tok.encode([common.format_prompt(turns)])[0]
+        prompt_ids = tok.encode([format_prompt(turns)])[0]
         entry = {"name": key, "turns": turns, "replies": {}, "tokens": {}, "stopped": {}}
         for name, adapters in MODELS.items():
-            common.set_active_adapters(model, adapters)
+            set_active_adapters(model, adapters)
             t0, past, out, stopped = time.time(), None, [], "max_new_tokens"
             ids = torch.tensor([[tok.bos_id] + prompt_ids], device=device)  # the whole prompt once, then 1 token a step
             for _ in range(cfg.max_new_tokens):
@@ -350,7 +363,7 @@ summary = {
     "generations": generations, "plots": [p for p, ok in plots.items() if ok],
 }
 
-with common.AtomicFolder(out_dir) as tmp:
+with AtomicFolder(out_dir) as tmp:
     if sft_hist:
         fig, ax = plt.subplots(figsize=(8, 4.5))
         plot(ax, sft_hist, "loss", "train loss", "tab:blue")
@@ -378,7 +391,7 @@ with common.AtomicFolder(out_dir) as tmp:
     md = ["# Evaluation: base vs SFT vs DPO", "",
           f"{date} · {device} · {summary['dtype']} · base "
           f"{'NF4 (as in training)' if load_cfg.quantize_4bit else 'unquantized'} · "
-          f"`python eval.py {' '.join(sys.argv[1:])}`", "",
+          f"`python tools/eval.py {' '.join(sys.argv[1:])}`", "",
           "## Metrics", "",
           f"SFT columns: {n_rows} packed rows ({results['sft']['sft_eval_tokens']:,} reply tokens) of the "
           f"{n_heldout} Airoboros records sft.py held out. Preference columns: {len(pairs)} hh-rlhf test pairs, "
@@ -412,7 +425,7 @@ with common.AtomicFolder(out_dir) as tmp:
     md += ["## Generations", "",
            f"Greedy, at most {cfg.max_new_tokens} new tokens, stopped at EOS or a new `### Human:` turn.", ""]
     for g in generations:
-        md += [f"### {g['name']}", "", "Prompt:", "", fenced(common.format_prompt(g["turns"]).rstrip("\n")), ""]
+        md += [f"### {g['name']}", "", "Prompt:", "", fenced(format_prompt(g["turns"]).rstrip("\n")), ""]
         for name in MODELS:
             md += [f"**{name}** ({g['tokens'][name]} tokens, stopped: {g['stopped'][name]}):", "",
                    fenced(g["replies"][name] or "(empty)"), ""]
@@ -434,5 +447,5 @@ with common.AtomicFolder(out_dir) as tmp:
     summary["wall_s"] = time.time() - t_start
     (tmp / "eval.json").write_text(json.dumps(summary, indent=2))
 
-print(f"eval done in {common.fmt_duration(time.time() - t_start)}: {cfg.output_dir}/report.md (+ eval.json, "
+print(f"eval done in {fmt_duration(time.time() - t_start)}: {cfg.output_dir}/report.md (+ eval.json, "
       + ", ".join(summary["plots"]) + ")")

@@ -2,22 +2,25 @@
 Check the folder against its manifest before training: every downloaded (or generated) file
 is there, whole, and the one that was recorded. Offline; run automatically by `make train`.
 
-    python verify.py                    # fast: each file exists with its recorded size (seconds)
-    python verify.py --full             # also the sha256 of every file (~2 min for 26 GB)
-    python verify.py --manifest data/demo/manifest.json   # the demo's generated assets
+    python tools/verify.py                    # fast: each file exists with its recorded size (seconds)
+    python tools/verify.py --full             # also the sha256 of every file (~2 min for 26 GB)
+    python tools/verify.py --manifest data/demo/manifest.json   # the demo's generated assets
 
 A problem is reported per file, with the command that repairs just that file; the exit code
 is 1 if anything is wrong. The root manifest.json (written by download.py) must also cover
 every file config.py pins, at the pinned revision: a pin changed in config.py after the
 download is caught here, not 20 hours into training.
 
-Like download.py, this does not import common.py or torch: it must run in a second.
+Like download.py, this does not import qlora/ or torch: it must run in a second.
 """
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as tools/x.py: config.py and qlora/ live at the root
 
 import argparse
 import json
-import sys
-from pathlib import Path
 
 import config
 

@@ -3,8 +3,8 @@ Build the CPU demo's inputs, offline, in seconds: a 2-layer Llama with random we
 a small sentencepiece tokenizer, and sample data in the EXACT upstream on-disk formats,
 so the demo runs the same sft.py / dpo.py / merge.py code paths as the 13B run.
 
-    python demo_assets.py            # writes models/demo-llama, data/demo/{airoboros,hh-rlhf}
-    python demo_assets.py --out DIR  # the same under DIR (tests use a temporary folder)
+    python tools/demo_assets.py            # writes models/demo-llama, data/demo/{airoboros,hh-rlhf}
+    python tools/demo_assets.py --out DIR  # the same under DIR (tests use a temporary folder)
 
 Nothing here is committed as a binary: it is generated, deterministically (fixed seeds).
 Layout mirrors the real downloads:
@@ -13,11 +13,14 @@ Layout mirrors the real downloads:
     data/demo/hh-rlhf/<subset>/{train,test}.jsonl.gz  {"chosen", "rejected"} full transcripts
 """
 
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as tools/x.py: config.py and qlora/ live at the root
+
 import gzip
 import json
 import random
-import sys
-from pathlib import Path
 
 from config import HH_SUBSETS, ROOT, sha256_file
 
@@ -175,7 +178,7 @@ def write_manifest():
     generated files exactly as it checks real downloads (and a copied folder can be verified)."""
     files = [p for d in (MODEL_DIR, DATA_DIR / "airoboros", DATA_DIR / "hh-rlhf") for p in sorted(d.rglob("*"))
              if p.is_file()]
-    rows = [dict(repo_id="demo_assets.py", repo_type="generated", revision=f"seed {SEED}", file=p.name,
+    rows = [dict(repo_id="tools/demo_assets.py", repo_type="generated", revision=f"seed {SEED}", file=p.name,
                  path=p.relative_to(OUT).as_posix(), size=p.stat().st_size,
                  sha256=sha256_file(p)) for p in files]
     (DATA_DIR / "manifest.json").write_text(json.dumps({"files": rows}, indent=2) + "\n")

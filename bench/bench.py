@@ -2,17 +2,17 @@
 Memory and speed of the real training steps on the real Llama-2-13B architecture (random
 weights: nothing to download), next to a conventional TRL QLoRA setup on the same machine.
 
-    python bench.py                    # what `make bench` runs: 13B on a GPU; the tiny model on a CPU (smoke test)
-    python bench.py --size 13b --micro_batch 2 --steps 5
-    python bench.py --no_baseline      # ours only
+    python bench/bench.py                    # what `make bench` runs: 13B on a GPU; the tiny model on a CPU (smoke test)
+    python bench/bench.py --size 13b --micro_batch 2 --steps 5
+    python bench/bench.py --no_baseline      # ours only
 
 What runs, in order, each in its own process so one's memory never counts against the next:
   1. random fp16 weights for the architecture are written as sharded safetensors (26 GB for
      13B; config from config.LLAMA2_13B_CONFIG), then loaded EXACTLY as training loads them
-     (common.load_base_model: NF4 + double quant, SDPA, non-reentrant checkpointing; LoRA r=128
+     (qlora.modeling.load_base_model: NF4 + double quant, SDPA, non-reentrant checkpointing; LoRA r=128
      on all 7 projections; paged 8-bit AdamW);
   2. ours, SFT: warm-up + timed optimizer steps of sft.py's step (packed 2048-token rows,
-     micro_batch rows per micro-step, loss = common.token_logps with chunked logits);
+     micro_batch rows per micro-step, loss = qlora.modeling.token_logps with chunked logits);
   3. ours, DPO: dpo.py's step on the worst case (chosen and rejected each max_len = 1536
      tokens, packed padding-free into one 3072-token row; reference = the SFT adapter alone
      under no_grad, policy = SFT + DPO adapters);
@@ -28,7 +28,7 @@ utilisation against this GPU's MEASURED bf16 matmul peak:
      forward. N = parameters, 13.0e9 for Llama-2-13B.)
 On a GPU with more than 24 GB the process is capped at --max_vram_gib (23.6) with
 torch.cuda.set_per_process_memory_fraction, so the peaks mean what a 24 GB card would see.
-Results: a table, and --out (docs/bench_gpu.json on CUDA, docs/bench_cpu_smoke.json on CPU)
+Results: a table, and --out (bench/bench_gpu.json on CUDA, bench/bench_cpu_smoke.json on CPU)
 with the GPU name, date and command.
 """
 
@@ -44,7 +44,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent
+ROOT = Path(__file__).resolve().parents[1]  # the repo root (this file is bench/*.py)
 sys.path.insert(0, str(ROOT))
 
 ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -119,33 +119,36 @@ def word_tokenizer(folder):
 
 def run_ours(kind, model_dir):
     import torch
-    import common
+    import qlora.data
+    import qlora.modeling
+    import qlora.packing
+    import qlora.runtime
     from config import DPOConfig, SFTConfig
     from peft import get_peft_model
-    device = common.pick_device()
+    device = qlora.runtime.pick_device()
     cap(device)
     cfg = SFTConfig(model_dir=str(model_dir), optimizer="paged_adamw_8bit" if device.type == "cuda" else "adamw",
                     logits_chunk=args.logits_chunk)
     torch.manual_seed(0)
-    model = common.load_base_model(model_dir, cfg, device)
-    model = get_peft_model(model, common.lora_config(cfg), adapter_name="sft")
+    model = qlora.modeling.load_base_model(model_dir, cfg, device)
+    model = get_peft_model(model, qlora.modeling.lora_config(cfg), adapter_name="sft")
     g = torch.Generator().manual_seed(0)
     if kind == "dpo":
         # dpo.py's model: the SFT adapter frozen, a DPO adapter trained, dropout off
         dcfg = DPOConfig(model_dir=str(model_dir), optimizer=cfg.optimizer)
-        model.add_adapter("dpo", common.lora_config(dcfg))
-        common.set_active_adapters(model, ["sft", "dpo"])
+        model.add_adapter("dpo", qlora.modeling.lora_config(dcfg))
+        qlora.modeling.set_active_adapters(model, ["sft", "dpo"])
         for name, p in model.named_parameters():
             p.requires_grad_(".dpo." in name)
         half = args.dpo_len // 3  # prompt 1/3, reply 2/3 of each side: worst-case total length
         prompt = torch.randint(3, 32000, (half,), generator=g).tolist()
         pairs = [(prompt + torch.randint(3, 32000, (args.dpo_len - half,), generator=g).tolist(),
                   prompt + torch.randint(3, 32000, (args.dpo_len - half,), generator=g).tolist())]
-        batch = [(c, [common.IGNORE] * (half + 1) + c[half + 1:], r, [common.IGNORE] * (half + 1) + r[half + 1:])
+        batch = [(c, [qlora.data.IGNORE] * (half + 1) + c[half + 1:], r, [qlora.data.IGNORE] * (half + 1) + r[half + 1:])
                  for c, r in pairs]
-        ids, labels, pos, seq = (t.to(device) for t in common.pack_pairs(batch))
+        ids, labels, pos, seq = (t.to(device) for t in qlora.packing.pack_pairs(batch))
         tokens = ids.numel()
-        flops_per_token = 8.5 * common.model_params(model_dir)
+        flops_per_token = 8.5 * qlora.modeling.model_params(model_dir)
     else:
         # sft.py's micro-step: micro_batch packed rows of 4 examples each, prompt masked
         rows = []
@@ -154,25 +157,25 @@ def run_ours(kind, model_dir):
             ex = []
             for n in lens:
                 x = torch.randint(3, 32000, (n,), generator=g).tolist()
-                ex.append((x, [common.IGNORE] * (n // 4) + x[n // 4:]))
-            rows.append(common.make_packed_row(ex, args.sft_len, 0))
+                ex.append((x, [qlora.data.IGNORE] * (n // 4) + x[n // 4:]))
+            rows.append(qlora.packing.make_packed_row(ex, args.sft_len, 0))
         ids, labels, pos = (torch.tensor([r[k] for r in rows], device=device) for k in range(3))
         tokens = ids.numel()
-        flops_per_token = 6.5 * common.model_params(model_dir)
-    params = common.trainable_parameters(model)
-    optimizer = common.make_optimizer(params, cfg)
+        flops_per_token = 6.5 * qlora.modeling.model_params(model_dir)
+    params = qlora.modeling.trainable_parameters(model)
+    optimizer = qlora.modeling.make_optimizer(params, cfg)
     model.train()
 
     def step():
         if kind == "dpo":
             with torch.no_grad():
-                common.set_active_adapters(model, ["sft"])
-                ref = common.sequence_logps(common.token_logps(model, ids, pos, labels, cfg.logits_chunk), seq, 2)
-                common.set_active_adapters(model, ["sft", "dpo"])
-            pol = common.sequence_logps(common.token_logps(model, ids, pos, labels, cfg.logits_chunk), seq, 2)
-            loss = common.dpo_loss(pol[0::2], pol[1::2], ref[0::2], ref[1::2], 0.1)[0].sum()
+                qlora.modeling.set_active_adapters(model, ["sft"])
+                ref = qlora.modeling.sequence_logps(qlora.modeling.token_logps(model, ids, pos, labels, cfg.logits_chunk), seq, 2)
+                qlora.modeling.set_active_adapters(model, ["sft", "dpo"])
+            pol = qlora.modeling.sequence_logps(qlora.modeling.token_logps(model, ids, pos, labels, cfg.logits_chunk), seq, 2)
+            loss = qlora.modeling.dpo_loss(pol[0::2], pol[1::2], ref[0::2], ref[1::2], 0.1)[0].sum()
         else:
-            loss = -common.token_logps(model, ids, pos, labels, cfg.logits_chunk).sum() / (labels != common.IGNORE).sum()
+            loss = -qlora.modeling.token_logps(model, ids, pos, labels, cfg.logits_chunk).sum() / (labels != qlora.data.IGNORE).sum()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
@@ -187,8 +190,11 @@ def run_baseline(kind, model_dir):
     from datasets import Dataset
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, TrainerCallback
-    import common
-    device = common.pick_device()
+    import qlora.data
+    import qlora.modeling
+    import qlora.packing
+    import qlora.runtime
+    device = qlora.runtime.pick_device()
     cap(device)
     cuda = device.type == "cuda"
     tok = AutoTokenizer.from_pretrained(model_dir)
@@ -222,7 +228,7 @@ def run_baseline(kind, model_dir):
         trainer = SFTTrainer(model=model, args=SFTConfig(**common_args, max_length=args.sft_len, packing=False),
                              train_dataset=data, processing_class=tok, peft_config=lora, callbacks=[Clock()])
         tokens = args.sft_len
-        flops_per_token = 6.5 * common.model_params(model_dir)
+        flops_per_token = 6.5 * qlora.modeling.model_params(model_dir)
     else:
         from trl import DPOConfig, DPOTrainer
         half = args.dpo_len // 3
@@ -233,7 +239,7 @@ def run_baseline(kind, model_dir):
                                                                          beta=0.1),
                              train_dataset=data, processing_class=tok, peft_config=lora, callbacks=[Clock()])
         tokens = 2 * args.dpo_len
-        flops_per_token = 8.5 * common.model_params(model_dir)
+        flops_per_token = 8.5 * qlora.modeling.model_params(model_dir)
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     trainer.train()
@@ -369,7 +375,7 @@ for kind in ("sft", "dpo"):
         if "peak_alloc_gib" in a and "peak_alloc_gib" in b:
             ratios[kind]["peak_alloc_x"] = round(a["peak_alloc_gib"] / b["peak_alloc_gib"], 2)
         print(f"ours vs TRL, {kind}: {ratios[kind]}")
-out = Path(args.out or ROOT / "docs" / ("bench_gpu.json" if cuda else "bench_cpu_smoke.json"))
+out = Path(args.out or ROOT / "bench" / ("bench_gpu.json" if cuda else "bench_cpu_smoke.json"))
 out.parent.mkdir(exist_ok=True)
 out.write_text(json.dumps({"date": datetime.now(timezone.utc).strftime("%Y-%m-%d"), "device": gpu,
                            "host": platform.node(), "command": "python " + " ".join(sys.argv), "size": size,

@@ -3,9 +3,9 @@ Export the merged model to GGUF, the single-file format llama.cpp (and ollama, L
 llama-cpp-python) load: f16 and q8_0 by default, written with the pinned `gguf` Python
 package (gguf-py, llama.cpp's own writer) - no llama.cpp checkout, nothing to compile.
 
-    python export_gguf.py                      # models/Llama-2-13b-airoboros-dpo -> *.gguf beside it (make export-gguf)
-    python export_gguf.py --preset demo        # the CPU demo's merged model, verified end to end
-    python export_gguf.py --types q8_0 --out_dir /somewhere/with/space --verify on
+    python tools/export_gguf.py                      # models/Llama-2-13b-airoboros-dpo -> *.gguf beside it (make export-gguf)
+    python tools/export_gguf.py --preset demo        # the CPU demo's merged model, verified end to end
+    python tools/export_gguf.py --types q8_0 --out_dir /somewhere/with/space --verify on
     llama-cli -m models/Llama-2-13b-airoboros-dpo/Llama-2-13b-airoboros-dpo-q8_0.gguf   # then, in llama.cpp
 
 What it writes is what llama.cpp's convert_hf_to_gguf.py writes for LlamaForCausalLM: the
@@ -32,7 +32,15 @@ Checks, from cheap to thorough; a file is renamed into place only after all of t
      hence off by default there; --verify on forces it.
 """
 
-import common  # first: offline switches
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as tools/x.py: config.py and qlora/ live at the root
+
+from config import sha256_file  # noqa: E402
+from qlora.runtime import memory_gib  # noqa: E402
+from qlora.files import require_files, save_json, verify_checkpoint  # noqa: E402
+from qlora.data import format_prompt, Tokenizer  # noqa: E402
 
 import argparse
 import atexit
@@ -40,11 +48,9 @@ import importlib.metadata
 import json
 import os
 import shutil
-import sys
 import tempfile
 import time
 import zlib
-from pathlib import Path
 
 import gguf  # gguf-py, pinned in requirements.lock: llama.cpp's own Python writer/reader/quantizers
 import numpy as np
@@ -54,9 +60,10 @@ from gguf import GGMLQuantizationType as Q
 from safetensors import safe_open
 from sentencepiece import sentencepiece_model_pb2
 
-from config import PRESETS, MergeConfig, parse_args, resolve
+from config import PRESETS, MergeConfig
 
 # -----------------------------------------------------------------------------
+from qlora.cli import parse_args, resolve
 # Command line. No dataclass in config.py for this stage: it has four knobs, and the
 # model folder is the merge stage's output, so --preset picks MergeConfig's output_dir.
 
@@ -105,17 +112,17 @@ print(f"export_gguf:\n  model_dir  {model_dir}\n  out_dir    {out_dir}\n  types 
 # Inputs: a COMPLETE merge whose every file still matches the hashes merge.py recorded.
 # Exporting a half-written or bit-flipped shard would give a GGUF that loads and talks nonsense.
 
-common.require_files([model_dir / n for n in ("config.json", "tokenizer.model", "tokenizer_config.json")],
+require_files([model_dir / n for n in ("config.json", "tokenizer.model", "tokenizer_config.json")],
                      "make train (it ends with the merge)")
-problems = common.verify_checkpoint(model_dir)
+problems = verify_checkpoint(model_dir)
 if problems:
     sys.exit(f"cannot export: the merged model is not complete and intact ({'; '.join(problems[:3])}); "
              f"run `make train` first (it ends with the merge)")
-source_id = common.sha256_file(model_dir / "COMPLETE.json")  # names this exact merge (it lists every file's sha256)
+source_id = sha256_file(model_dir / "COMPLETE.json")  # names this exact merge (it lists every file's sha256)
 
 hf = json.loads((model_dir / "config.json").read_text())
 if hf.get("architectures") != ["LlamaForCausalLM"]:
-    sys.exit(f"export_gguf.py writes the llama architecture only; {model_dir} is {hf.get('architectures')}")
+    sys.exit(f"tools/export_gguf.py writes the llama architecture only; {model_dir} is {hf.get('architectures')}")
 rope = hf.get("rope_parameters") or {}  # transformers 5 nests rope_theta here; Llama-2's own config.json has neither
 rope_theta = float(hf.get("rope_theta") or rope.get("rope_theta") or 10000.0)
 if (hf.get("rope_scaling") or {}).get("rope_type", "default") != "default" or rope.get("rope_type", "default") != "default":
@@ -158,7 +165,7 @@ if not chat_template:
 index_path = model_dir / "model.safetensors.index.json"
 shard_names = (sorted(set(json.loads(index_path.read_text())["weight_map"].values())) if index_path.is_file()
                else ["model.safetensors"])
-common.require_files([model_dir / s for s in shard_names], "make train (it ends with the merge)")
+require_files([model_dir / s for s in shard_names], "make train (it ends with the merge)")
 
 # HF (LlamaForCausalLM) -> GGUF names: the table in gguf-py's tensor_mapping.py for MODEL_ARCH.LLAMA
 # (tests check it against gguf.get_tensor_name_map); llama.cpp finds tensors only by these names.
@@ -234,7 +241,7 @@ for t in types:
     side = path.with_name(path.name + ".json")
     if path.is_file() and side.is_file():
         rec = json.loads(side.read_text())
-        if rec.get("source_complete_sha256") == source_id and rec.get("sha256") == common.sha256_file(path):
+        if rec.get("source_complete_sha256") == source_id and rec.get("sha256") == sha256_file(path):
             print(f"{path.name}: already exported from this merge (sha256 checked): nothing to do")
             continue
         print(f"{path.name}: stale or damaged (another merge, or its sha256 differs): rewriting")
@@ -288,7 +295,7 @@ for t in todo:
     w.add_bos_token_id(sp.bos_id())
     w.add_eos_token_id(sp.eos_id())
     w.add_unk_token_id(sp.unk_id())  # no pad id: Llama-2 has none (added_tokens.json's 32000 is past the embedding)
-    w.add_add_bos_token(True)  # every prompt starts with <s>, exactly as in training (common.build_example)
+    w.add_add_bos_token(True)  # every prompt starts with <s>, exactly as in training (build_example)
     w.add_add_eos_token(False)  # and never ends with </s>: the model must produce it
     w.add_add_space_prefix(sp_proto.normalizer_spec.add_dummy_prefix)  # sentencepiece's leading "▁"
     if chat_template:
@@ -330,7 +337,7 @@ try:
             written[t][gname] = (ttype, zlib.crc32(np.ascontiguousarray(data).view(np.uint8)))
         if (n + 1) % 50 == 0 or n + 1 == len(plan):
             print(f"tensor {n + 1:4d}/{len(plan)} | {gname:<24} | {time.time() - t0:6.1f}s | "
-                  f"peak RSS {common.memory_gib(torch.device('cpu')):.2f} GiB", flush=True)
+                  f"peak RSS {memory_gib(torch.device('cpu')):.2f} GiB", flush=True)
     for t in todo:
         for fout in writers[t].fout:
             fout.flush()
@@ -393,14 +400,14 @@ print(f"read back: every tensor's name, type, shape and bytes match in {len(todo
 
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402  (only the checks need it)
 
-tok = common.Tokenizer(model_dir)
+tok = Tokenizer(model_dir)
 prompts = [["What is the capital of France?"], ["What is 12 + 7?"], ["Tell me a joke about a cat."],
            ["Hi there.", "Hello! How can I help?", "Write a two-line poem about an owl."]]
-texts = [common.format_prompt(p) for p in prompts] + ["Bonjour, こんにちは, Γειά σου: 1234 +  56\n\n\tend"]
+texts = [format_prompt(p) for p in prompts] + ["Bonjour, こんにちは, Γειά σου: 1234 +  56\n\n\tend"]
 # a prompt with its reply, tokenized as ONE text: these are the ids training used for a reply
-# (common.encode_replies), so the GGUF must give them too (no stray "▁" before the "19")
-texts.append(common.format_prompt(prompts[1]) + "19.")
-want_ids = [[tok.bos_id] + ids for ids in tok.encode(texts)]  # BOS + text, as training and chat.py build them
+# (encode_replies), so the GGUF must give them too (no stray "▁" before the "19")
+texts.append(format_prompt(prompts[1]) + "19.")
+want_ids = [[tok.bos_id] + ids for ids in tok.encode(texts)]  # BOS + text, as training and tools/chat.py build them
 for t in todo:
     gtok = AutoTokenizer.from_pretrained(scratch, gguf_file=f"{stem}-{t}.gguf")
     for text, want in zip(texts, want_ids):
@@ -484,8 +491,8 @@ else:
 for t in todo:
     path = out_dir / f"{stem}-{t}.gguf"
     os.replace(tmp_paths[t], path)
-    digest = common.sha256_file(path)
-    common.save_json(path.with_name(path.name + ".json"), {
+    digest = sha256_file(path)
+    save_json(path.with_name(path.name + ".json"), {
         "file": path.name, "type": t, "bytes": path.stat().st_size, "sha256": digest,
         "source": str(model_dir), "source_complete_sha256": source_id,
         "tensors": len(plan), "parameters": n_params,

@@ -1,0 +1,266 @@
+"""
+The command line of every stage: --field value overrides of a config dataclass, --preset,
+--help, and validation of every value (types, ranges read from the field comments, choices,
+paths), all before torch is imported: `python sft.py --help` or a typo answers at once.
+"""
+
+import functools
+import json
+import math
+import os
+import sys
+from pathlib import Path
+
+from config import HH_SUBSETS, PRESETS, ROOT, ChatConfig, DPOConfig, EvalConfig, MergeConfig, SFTConfig
+
+import dataclasses
+import difflib
+import re
+from dataclasses import fields
+
+# -----------------------------------------------------------------------------
+# Validation: one function per rule family, run before any heavy work.
+
+
+class ConfigError(ValueError):
+    pass
+
+
+_CHOICES = {
+    "dtype": ("auto", "bfloat16", "float16", "float32"),
+    "optimizer": ("paged_adamw_8bit", "adamw_8bit", "adamw"),
+    "split": ("train", "test"),
+}
+_LORA_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+_LISTS = {"lora_targets": _LORA_NAMES, "subsets": HH_SUBSETS, "adapters": None}  # comma lists (None: any folder)
+_INPUT_DIRS = ("model_dir", "data_dir", "sft_dir", "dpo_dir")
+
+# The range of a numeric field is the start of its comment, so --help states exactly what is
+# enforced: ">= 1", "> 0", "[0, 1)" (interval), or "-1 or >= 1" (a sentinel, then the range).
+_NUM = r"-?\d+(?:\.\d+)?"
+_RANGE = re.compile(rf"(?:(?P<alt>{_NUM}) or )?(?:(?P<op>>=?) (?P<lo>{_NUM})"
+                    rf"|(?P<open>[\[(])(?P<a>{_NUM}), (?P<b>{_NUM})(?P<close>[\])]))")
+
+
+@functools.cache
+def _field_comments(cls):
+    """Trailing '# ...' comments of each field, read from config.py: the --help text and the ranges."""
+    out, src = {}, Path(sys.modules[cls.__module__].__file__).read_text().splitlines()
+    inside = False
+    for line in src:
+        if line.startswith("class "):
+            inside = line.startswith(f"class {cls.__name__}(") or line.startswith(f"class {cls.__name__}:")
+        elif inside and ":" in line and line.startswith("    ") and not line.strip().startswith("#"):
+            name = line.strip().split(":")[0]
+            if "  # " in line:
+                out[name] = line.split("  # ", 1)[1]
+    return out
+
+
+def field_range(cls, name):
+    """The range match of a numeric field's comment (None if it states none)."""
+    return _RANGE.match(_field_comments(cls).get(name, ""))
+
+
+def _in_range(v, m):
+    if m["alt"] is not None and v == float(m["alt"]):
+        return True
+    if m["op"]:
+        return v >= float(m["lo"]) if m["op"] == ">=" else v > float(m["lo"])
+    a, b = float(m["a"]), float(m["b"])
+    return (a <= v if m["open"] == "[" else a < v) and (v <= b if m["close"] == "]" else v < b)
+
+
+def validate(cfg, world=1):
+    """Raise ConfigError naming the first bad field. Types are already right here. `world`: the
+    number of data-parallel processes (WORLD_SIZE), which must divide grad_accum."""
+    def bad(name, why):
+        raise ConfigError(f"{type(cfg).__name__}.{name} = {getattr(cfg, name)!r}: {why}")
+    for f in fields(cfg):
+        v = getattr(cfg, f.name)
+        if f.name in _CHOICES and v not in _CHOICES[f.name]:
+            bad(f.name, f"must be one of {', '.join(_CHOICES[f.name])}")
+        # inf and nan pass (or slip past) the comparisons below and reach torch as a NaN adapter
+        # float32 range too: every knob ends up in float32 math (3.4e38 overflows there: lr 1e300 broke AdamW)
+        if f.type in ("float", float) and not (math.isfinite(v) and abs(v) <= 3.4e38):
+            bad(f.name, "must be a finite number (within float32 range, |x| <= 3.4e38)")
+        m = field_range(type(cfg), f.name) if f.type in ("int", "float", int, float) else None
+        if m and not _in_range(v, m):
+            bad(f.name, f"must be {m[0]} ({_field_comments(type(cfg))[f.name].split(': ', 1)[-1]})")
+        # "" would resolve to the repo root itself: an output there overwrites the repo's files
+        if f.name.endswith("_dir") and f.name != "cache_dir" and not v.strip():
+            bad(f.name, "must name a folder (empty = the repo root)")
+        if f.name in _LISTS and v:
+            items = v.split(",")
+            for i, item in enumerate(items):
+                if not item.strip():
+                    bad(f.name, f"item {i + 1} of the comma list is empty (a stray comma?)")
+                if _LISTS[f.name] is not None and item not in _LISTS[f.name]:
+                    bad(f.name, f"unknown item {item!r}: choose from {','.join(_LISTS[f.name])}")
+                if item in items[:i]:
+                    bad(f.name, f"{item!r} is listed twice (it would be used twice)")
+        if f.name in _LISTS and not v and _LISTS[f.name] is not None:
+            bad(f.name, f"must list at least one of {','.join(_LISTS[f.name])}")
+    if hasattr(cfg, "max_prompt_len") and cfg.max_prompt_len >= cfg.max_len:
+        bad("max_prompt_len", f"must be < max_len ({cfg.max_len}) to leave room for the replies")
+    if hasattr(cfg, "grad_accum") and cfg.grad_accum % world:
+        bad("grad_accum", f"must be a multiple of the {world} processes (make NPROC={world}): each takes "
+                          f"grad_accum / {world} micro-batches of every step")
+    if hasattr(cfg, "output_dir"):
+        # a stage writes config.json into output_dir and replaces final/ (merge and eval: the whole
+        # folder) by rename: an input folder inside it would be overwritten or deleted
+        out = resolve(cfg.output_dir).resolve()
+        for name in _INPUT_DIRS:
+            src = resolve(getattr(cfg, name)).resolve() if hasattr(cfg, name) else None
+            if src is not None and (src == out or out in src.parents):
+                bad("output_dir", f"contains {name} ({getattr(cfg, name)}), which this stage would overwrite; "
+                                  f"choose another --output_dir")
+
+
+# -----------------------------------------------------------------------------
+# Command line: --field value overrides, typed by the dataclass annotations.
+
+# Script options of sft.py / dpo.py that are not config fields (parse_args flags).
+STAGE_FLAGS = [("--prepare_only", "prepare the data, write data_report.json (and examples.json), stop; "
+                "alias --prepare-only"),
+               ("--show_examples N", "write the first N prepared examples (or 'all') with their trained "
+                "tokens to <output_dir>/examples.json and print a few")]
+
+
+def _parse_bool(name, text):
+    low = text.lower()
+    if low in ("1", "true", "yes", "on"):
+        return True
+    if low in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"--{name}: expected true/false, got {text!r}")
+
+
+def _parse_value(cls, name, text):
+    typ = {f.name: f.type for f in fields(cls)}[name]
+    typ = {"int": int, "float": float, "str": str, "bool": bool}.get(typ, typ)
+    if typ is bool:
+        return _parse_bool(name, text)
+    try:
+        return typ(text)
+    except ValueError:
+        raise ConfigError(f"--{name}: expected {typ.__name__}, got {text!r}") from None
+
+
+def usage(cls, flags=()):
+    comments = _field_comments(cls)
+    lines = [f"usage: python {Path(sys.argv[0]).name} [--preset {'|'.join(PRESETS)}] [--field value ...]"
+             + "".join(f" [{f}]" for f, _ in flags), "", f"fields of {cls.__name__} (default):"]
+    for f in fields(cls):
+        lines.append(f"  --{f.name:<24} {getattr(cls(), f.name)!r:<28} {comments.get(f.name, '')}")
+    if flags:
+        lines += ["", "script flags:"]
+    for f, why in flags:
+        lines.append(f"  {f:<26} {why}")
+    lines += ["", "Names may use - or _ (--max-seq-len = --max_seq_len); booleans take true/false/1/0/yes/no/on/off."]
+    return "\n".join(lines)
+
+
+def parse_args(cls, argv, flags=()):
+    """Build a validated cls from argv. Exits with a clear message on error.
+
+    `flags` are (spec, help) pairs of script options that are not config fields:
+    "--prepare_only" is a switch (alone = true, --prepare_only=false = false), and
+    "--show_examples N" takes a value (the word after the name is its metavar). With
+    flags, returns (cfg, {name: value}) with every flag present (switches default to
+    False, valued flags to None)."""
+    try:
+        return _parse_args(cls, list(argv), flags)
+    except ConfigError as e:
+        sys.exit(f"config error: {e}\n(run with --help to list fields and defaults)")
+
+
+def _parse_args(cls, argv, flags):
+    if "-h" in argv or "--help" in argv:
+        print(usage(cls, flags))
+        sys.exit(0)
+    names = {f.name for f in fields(cls)}
+    # flag name (underscores) -> takes a value?
+    flag_kinds = {spec.split()[0][2:].replace("-", "_"): len(spec.split()) > 1 for spec, _ in flags}
+    switches = {name: (None if takes_value else False) for name, takes_value in flag_kinds.items()}
+    preset, overrides = "full", {}
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if not arg.startswith("--"):
+            raise ConfigError(f"unexpected argument {arg!r}: use --field value")
+        key, eq, val = arg[2:].partition("=")
+        key = key.replace("-", "_")  # one spelling: --prepare-only and --prepare_only are the same flag
+        if key in flag_kinds and not flag_kinds[key]:
+            # a switch: present = true; --switch=false is honoured, not read as "present"
+            switches[key] = _parse_bool(key, val) if eq else True
+            i += 1
+            continue
+        if not eq:
+            if i + 1 >= len(argv):
+                raise ConfigError(f"--{key} needs a value")
+            val, i = argv[i + 1], i + 1
+        i += 1
+        if key in flag_kinds:
+            switches[key] = val
+            continue
+        if key == "preset":
+            if val not in PRESETS:
+                raise ConfigError(f"--preset: unknown preset {val!r} (choose from {', '.join(PRESETS)})")
+            preset = val
+            continue
+        if key not in names:
+            hint = difflib.get_close_matches(key, names | set(flag_kinds), n=1)
+            raise ConfigError(f"unknown field --{key} for {cls.__name__}"
+                              + (f" (did you mean --{hint[0]}?)" if hint else ""))
+        overrides[key] = _parse_value(cls, key, val)
+    values = dict(PRESETS[preset].get(cls, {}))
+    values.update(overrides)
+    cfg = cls(**values)
+    # the data-parallel launcher (make train NPROC=N) sets WORLD_SIZE; the Makefile sets it for
+    # its own check too, so an indivisible grad_accum stops before any process is launched
+    world = os.environ.get("WORLD_SIZE", "1")
+    if not world.isdigit() or int(world) < 1:
+        raise ConfigError(f"WORLD_SIZE={world!r} in the environment: expected a whole number >= 1")
+    validate(cfg, int(world))
+    return (cfg, switches) if flags else cfg
+
+
+def show_count(value):
+    """--show_examples value -> None (not asked), a count >= 1, or "all"."""
+    if value is None:
+        return None
+    if value == "all":
+        return value
+    if not value.isdigit() or int(value) < 1:
+        sys.exit(f"config error: --show_examples: expected a whole number >= 1 or 'all', got {value!r}\n"
+                 f"(run with --help to list fields and defaults)")
+    return int(value)
+
+
+def resolve(path):
+    """Relative config paths are relative to the repo root, so scripts work from any cwd
+    and saved configs hold no absolute path (the folder can be moved between machines)."""
+    p = Path(path)
+    return p if p.is_absolute() else ROOT / p
+
+
+def to_dict(cfg):
+    return dataclasses.asdict(cfg)
+
+
+def print_config(cfg):
+    print(f"{type(cfg).__name__}:")
+    for k, v in to_dict(cfg).items():
+        print(f"  {k:<24} {v}")
+
+
+if __name__ == "__main__":
+    # `python -m qlora.cli sft|dpo|merge|chat|eval [--preset demo] [--field value]` prints the resolved config as JSON
+    # (the Makefile runs it with WORLD_SIZE=NPROC to check every stage's flags before any stage starts)
+    kinds = {"sft": SFTConfig, "dpo": DPOConfig, "merge": MergeConfig, "chat": ChatConfig, "eval": EvalConfig}
+    if len(sys.argv) < 2 or sys.argv[1] not in kinds:
+        sys.exit(f"usage: python -m qlora.cli {{{'|'.join(kinds)}}} [--preset demo] [--field value ...]")
+    flags = STAGE_FLAGS if sys.argv[1] in ("sft", "dpo") else ()
+    cfg = parse_args(kinds[sys.argv[1]], sys.argv[2:], flags)
+    print(json.dumps(to_dict(cfg[0] if flags else cfg), indent=2))

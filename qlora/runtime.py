@@ -1,0 +1,355 @@
+"""
+The process around a training run: what happens on Ctrl+C, SIGTERM or a full disk at any
+moment; device, dtype and data parallelism; a stop request that finishes the step and
+saves; the metric log and the step line; the memory preflight; the NaN/inf health check.
+"""
+
+import contextlib
+import errno
+import json
+import math
+import os
+import random
+import signal
+import sys
+import time
+from pathlib import Path
+
+from config import ROOT
+
+# -----------------------------------------------------------------------------
+# Faults at any moment. Ctrl+C / SIGTERM before the training loop (importing torch, data
+# preparation, model load) ends with one line saying what was interrupted and what is safe,
+# exit 128 + signal, never a KeyboardInterrupt traceback; the loop swaps in StopRequest
+# (finish the step, save, exit). A full disk ends with one line naming the path. Installed
+# here, before the heavy imports, so the seconds spent importing torch are covered too, and
+# only when a script of this folder is the program: a test that imports common keeps pytest's.
+
+# what an interrupt or a failed write reports; "saves": saves begun by this process (fault injection)
+run_status = {"phase": "start-up", "stage": False, "checkpoint": None, "interrupted": False, "saves": 0}
+
+
+def inject_fault(point, at=None):
+    """Test-only fault injection: QLORA_FAULT=<point>:<at>[,...] where <at> is a save number
+    (default), a file name or a phase. Points: mid_write / before_marker / before_rename
+    (SIGKILL inside the n-th save), enospc (a write fails as on a full disk), sigint /
+    sigterm (the signal arrives as the phase begins). This is how the tests prove a kill -9,
+    a full disk or a Ctrl+C at a chosen moment never costs the last good checkpoint."""
+    if f"{point}:{run_status['saves'] if at is None else at}" not in os.environ.get("QLORA_FAULT", "").split(","):
+        return
+    if point == "enospc":
+        # exactly what safetensors raises on a full disk (checked on a full tmpfs): not an OSError
+        from safetensors import SafetensorError
+        raise SafetensorError('Error while serializing: I/O error: No space left on device (os error 28) (injected)')
+    if point in ("sigint", "sigterm"):
+        os.kill(os.getpid(), signal.SIGINT if point == "sigint" else signal.SIGTERM)
+        return
+    print(f"[fault injection] SIGKILL at {point} of save {run_status['saves']}", flush=True)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def phase(name):
+    """What the program is doing now, for the line an interrupt prints."""
+    run_status["phase"] = name
+    inject_fault("sigint", name)
+    inject_fault("sigterm", name)
+
+
+def _next_step():
+    if run_status["checkpoint"]:
+        return f"last good checkpoint: {run_status['checkpoint']}; re-run the same command to resume"
+    if run_status["stage"]:
+        return "no checkpoint yet; re-run the same command to start"
+    return "nothing was written; re-run the same command"
+
+
+def _on_interrupt(signum, frame):
+    if run_status["interrupted"]:
+        os._exit(128 + signum)  # a second Ctrl+C while the first one unwinds
+    run_status["interrupted"] = True
+    print(f"\ninterrupted ({signal.Signals(signum).name}) during {run_status['phase']}: {_next_step()}", flush=True)
+    # unwinds like KeyboardInterrupt (a half-written .tmp is removed on the way), but without a traceback
+    raise SystemExit(128 + signum)
+
+
+def disk_full(e):
+    # OSError carries errno; safetensors' SafetensorError only its text
+    return getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or any(
+        f"(os error {n})" in str(e) for n in (errno.ENOSPC, errno.EDQUOT))
+
+
+def write_error(path, e):
+    """The one line a failed write ends the run with."""
+    reason = getattr(e, "strerror", None) or str(e)
+    what = ("disk full: free space" if disk_full(e) else "fix that") + " and re-run the same command"
+    if run_status["checkpoint"]:
+        what += f" (it resumes from {run_status['checkpoint']}, which is intact)"
+    return f"could not write {path}: {reason}; {what}"
+
+
+@contextlib.contextmanager
+def writing(path):
+    """`with writing(path):` a failed write of path (a full disk above all) exits with write_error's line."""
+    from safetensors import SafetensorError
+    try:
+        inject_fault("enospc", Path(path).name)
+        yield
+    except (OSError, SafetensorError) as e:
+        sys.exit(write_error(path, e))
+
+
+def _on_uncaught(kind, exc, tb):
+    # last resort for a full disk at a write no `writing` wraps (mkdir, a library's cache)
+    if disk_full(exc):
+        print(write_error(getattr(exc, "filename", None) or "a file", exc), file=sys.stderr)
+    else:
+        sys.__excepthook__(kind, exc, tb)
+
+
+# only when a program of this repo runs (a stage script, tools/, bench/): a test importing qlora keeps pytest's
+if sys.argv[0].endswith(".py") and Path(sys.argv[0]).resolve().parent in (ROOT, ROOT / "tools", ROOT / "bench"):
+    signal.signal(signal.SIGINT, _on_interrupt)
+    signal.signal(signal.SIGTERM, _on_interrupt)
+    sys.excepthook = _on_uncaught
+phase("start-up")
+
+import logging
+import warnings
+
+# Noise on every run that is not ours to act on, silenced where it is raised (nothing else is):
+# - bitsandbytes on CPUs with AVX512-BF16 tries an optional kernel that `kernels` would fetch from
+#   the Hub; offline it cannot, and load_base_model turns that CPU fast path off anyway (its
+#   numerics would make an eval change later steps). Its own kernel runs; the warning says nothing.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+# - peft 0.21 reads transformers' deprecated `is_gradient_checkpointing` on every PeftModel
+#   (peft_model.py:184); we call the current API (activation_checkpointing_enable) ourselves.
+warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402  (after the handlers: the seconds torch takes to import are covered)
+
+
+def pick_device():
+    # under a launcher (make train NPROC=N), each process drives the GPU of its LOCAL_RANK
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else torch.device("cpu")
+
+
+class Distributed:
+    """Data parallelism for `make train NPROC=N` (accelerate launch / torchrun set RANK, WORLD_SIZE).
+
+    The scheme is plain and explicit: every process holds the same model and optimizer; each
+    optimizer step's micro-batches are dealt out round-robin (rank r takes items r, r+N, ...);
+    after backward the LoRA gradients are summed across processes (the loss is already
+    normalised by the WHOLE step's token count), so every replica takes the identical optimizer
+    step and stays in sync without broadcasting weights. Rank 0 alone writes checkpoints, logs
+    and prints. With one process every method is a no-op: the single-GPU path is unchanged."""
+
+    def __init__(self):
+        self.world = int(os.environ.get("WORLD_SIZE", 1))
+        self.rank = int(os.environ.get("RANK", 0))
+        self.main = self.rank == 0
+        if self.world > 1:
+            import torch.distributed as dist
+            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")  # gloo: CPU (tests)
+            if torch.cuda.is_available():
+                torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+            if not self.main:
+                sys.stdout = open(os.devnull, "w")  # one voice: rank 0 prints; errors still reach stderr
+
+    def _reduce(self, t, op="sum"):
+        import torch.distributed as dist
+        dist.all_reduce(t, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
+        return t
+
+    def sum(self, x):
+        """A Python number summed over processes."""
+        if self.world == 1:
+            return x
+        return self._reduce(torch.tensor(float(x), dtype=torch.float64, device=pick_device())).item()
+
+    def any(self, flag):
+        """True on every process if it is True on one (a Ctrl+C reaches them at slightly different steps)."""
+        if self.world == 1:
+            return bool(flag)
+        return bool(self._reduce(torch.tensor(int(bool(flag)), device=pick_device()), "max").item())
+
+    def sum_grads(self, params):
+        if self.world == 1:
+            return
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)  # a rank without a micro-batch still takes part
+            self._reduce(p.grad)
+
+    def barrier(self):
+        if self.world > 1:
+            import torch.distributed as dist
+            dist.barrier()
+
+
+
+def pick_dtype(name, device):
+    if name != "auto":
+        return getattr(torch, name)
+    if device.type == "cuda":
+        # Ampere+ (3090/4090) has bf16: same range as fp32, no loss scaling needed
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32  # CPU: fp32 is the fast and exact path
+
+# -----------------------------------------------------------------------------
+# Training health: a step whose loss or gradient norm is NaN/inf stops the run before
+# optimizer.step, so neither the weights nor any checkpoint ever hold it (a NaN adapter
+# found 20 hours later is the worst way a run can end).
+
+
+def check_health(step, loss, grad_norm, cfg):
+    """Once per optimizer step, between clip_grad_norm_ and optimizer.step. loss is the step's
+    loss (already a Python float), grad_norm the tensor clip_grad_norm_ returned; returns it
+    as a float: the one host sync, which the log line needed anyway. Both are checked: a NaN
+    in the forward makes every gradient NaN, but an infinite loss can have finite gradients
+    (cross-entropy at a -inf logit: softmax - onehot; DPO's logsigmoid at -inf: sigmoid)."""
+    norm = float(grad_norm)
+    if math.isfinite(loss) and math.isfinite(norm):
+        return norm
+    knobs = [f"a lower --lr (now {cfg.lr:g})",
+             f"a lower --grad_clip (now {cfg.grad_clip:g})" if cfg.grad_clip > 0 else "--grad_clip > 0 (now off)"]
+    if hasattr(cfg, "beta"):
+        knobs.append(f"a smaller --beta (now {cfg.beta:g})")
+    sys.exit(f"step {step}: loss {loss:.4g}, gradient norm {norm:.4g}: not finite, training diverged; stopped "
+             f"before this step changed the weights, nothing of it was saved.\n" + diverged_advice(knobs))
+
+
+def diverged_advice(knobs):
+    text = f"likely fixes: {', '.join(knobs)}; check the data for extreme rows (data_report.json)\n"
+    if run_status["checkpoint"]:
+        return text + (f"last good checkpoint: {run_status['checkpoint']}; re-run with a fix and it resumes from there "
+                       f"(if the loss was already climbing, delete the newest step_ folders to resume earlier)")
+    return text + "no checkpoint was written yet; re-run with a fix"
+
+# -----------------------------------------------------------------------------
+# Ctrl+C / SIGTERM: finish the optimizer step, save, exit. A second Ctrl+C exits at once
+# (safe: checkpoints are atomic, so the last complete one is intact).
+
+
+class StopRequest:
+    def __init__(self):
+        self.signum = None
+        signal.signal(signal.SIGINT, self._handle)
+        signal.signal(signal.SIGTERM, self._handle)
+        phase("training")
+
+    def _handle(self, signum, frame):
+        if self.signum is not None:
+            print(f"\nsecond interrupt: exiting now; {_next_step()}", flush=True)
+            os._exit(128 + signum)
+        self.signum = signum
+        print(f"\n{signal.Signals(signum).name}: finishing this optimizer step, then saving a checkpoint "
+              f"(press Ctrl+C again to quit at once)", flush=True)
+
+    @property
+    def requested(self):
+        return self.signum is not None
+
+    def exit(self, command):
+        print(f"stopped. resume with the same command:\n  {command}", flush=True)
+        sys.exit(128 + (self.signum or signal.SIGTERM))  # a rank told by another rank has no signum
+
+
+# -----------------------------------------------------------------------------
+# Logging: one fixed-format line per logged step, and metrics.jsonl for machines.
+
+
+class MetricLog:
+    def __init__(self, output_dir, history=(), write=True):
+        self.path = Path(output_dir) / "metrics.jsonl"
+        self.history, self.write = list(history), write  # write: rank 0 only under NPROC > 1
+        # rewrite from the checkpoint's history: lines logged after it (by the run that was
+        # interrupted) describe steps that are about to be redone
+        if write:
+            with writing(self.path):
+                self.path.write_text("".join(json.dumps(h) + "\n" for h in self.history))
+        self.t0 = time.time()
+
+    def log(self, record):
+        self.history.append(record)
+        if self.write:
+            with writing(self.path), open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+
+def fmt_duration(seconds):
+    seconds = int(seconds)
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+def preflight(step, params, cfg, device, what):
+    """Run one worst-case micro-step (forward + backward, no optimizer step) before a long GPU
+    run and stop, within a minute or two, if the peak would pass cfg.max_vram_gib: an OOM at
+    hour 3 of a 30-hour run is the failure this prevents. Nothing of the training run changes:
+    the RNG streams are restored and the gradients dropped. The optimizer state, not allocated
+    before the first real step, is added by arithmetic (8-bit Adam: 2 bytes per parameter,
+    32-bit: 8)."""
+    if device.type != "cuda" or cfg.max_vram_gib <= 0:
+        return None
+    phase("preflight")
+    knobs = ("Knobs, cheapest first: --micro_batch_size (more --grad_accum keeps the step size), "
+             "--logits_chunk 512, --optimizer paged_adamw_8bit, --max_seq_len / --max_len, --lora_r.")
+    tensors, meta = rng_state()
+    torch.cuda.reset_peak_memory_stats(device)
+    t0 = time.time()
+    try:
+        step()
+    except torch.OutOfMemoryError:
+        sys.exit(f"preflight: the worst-case {what} ran out of GPU memory on this card. " + knobs)
+    for p in params:
+        p.grad = None
+    set_rng_state(tensors, meta)
+    n = sum(p.numel() for p in params)
+    opt_gib = n * (2 if "8bit" in cfg.optimizer else 8) / 2**30
+    # what the card must hold: everything outside PyTorch's allocator (CUDA context, cuBLAS and
+    # NCCL workspaces) + the allocator's reserved peak (fragmentation included) + the optimizer state
+    free, total = torch.cuda.mem_get_info(device)
+    outside = max((total - free) - torch.cuda.memory_reserved(device), 0) / 2**30
+    peak = outside + torch.cuda.max_memory_reserved(device) / 2**30 + opt_gib
+    budget = min(cfg.max_vram_gib, total / 2**30)
+    torch.cuda.reset_peak_memory_stats(device)
+    print(f"preflight: worst-case {what}: {peak:.1f} GiB (reserved peak + {outside:.1f} GiB outside torch + "
+          f"{opt_gib:.1f} GiB optimizer state) of {budget:.1f} GiB ({time.time() - t0:.0f}s)", flush=True)
+    if peak > budget:
+        sys.exit(f"preflight: the worst-case step needs {peak:.1f} GiB > {budget:.1f} GiB "
+                 f"(max_vram_gib {cfg.max_vram_gib}, card {total / 2**30:.1f} GiB). " + knobs)
+    return peak
+
+
+def memory_gib(device):
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    try:
+        import resource
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # CPU: peak RSS (KiB on Linux)
+    except ImportError:
+        return float("nan")
+
+
+def rng_state():
+    """Every RNG stream, as (tensors, json)."""
+    tensors = {"torch_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"torch_cuda_{i}"] = s
+    np_state = np.random.get_state()
+    meta = {"python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
+            "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])]}
+    return tensors, meta
+
+
+def set_rng_state(tensors, meta):
+    torch.set_rng_state(tensors["torch_cpu"])
+    if torch.cuda.is_available():
+        cuda = [tensors[k] for k in sorted(k for k in tensors if k.startswith("torch_cuda_"))]
+        if cuda:
+            torch.cuda.set_rng_state_all(cuda)
+    v, s, g = meta["python"]
+    random.setstate((v, tuple(s), g))
+    name, keys, pos, has_gauss, cached = meta["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
