@@ -45,7 +45,7 @@ ifeq ($(shell [[ "$(NPROC)" =~ ^[1-9][0-9]*$$ ]] && echo ok),)
 $(error NPROC must be a whole number >= 1, got '$(NPROC)')
 endif
 # NPROC=1: plain python; more: accelerate launch (torchrun underneath) sets RANK/WORLD_SIZE and
-# the scripts split each optimizer step's micro-batches between the processes (common.Distributed)
+# the scripts split each optimizer step's micro-batches between the processes (qlora/runtime.py Distributed)
 # TORCH_ELASTIC_SHUTDOWN_TIMEOUT: on Ctrl+C the launcher forwards SIGINT to every rank, then
 # SIGKILLs them after this many seconds (default 30: less than one 13B step plus its save)
 TRAIN_PY := $(if $(filter 1,$(NPROC)),$(PY),TORCH_ELASTIC_SHUTDOWN_TIMEOUT=3600 $(PY) -m accelerate.commands.launch --multi_gpu --num_processes $(NPROC) --num_machines 1 --mixed_precision no --dynamo_backend no)

@@ -34,6 +34,8 @@ def test_copy_to_another_path_and_continue(tmp_path):
     first.mkdir(parents=True)
     for f in list(ROOT.glob("*.py")) + [ROOT / "Makefile", ROOT / "requirements.lock"]:
         shutil.copy2(f, first / f.name)
+    for d in ("qlora", "tools"):  # the library and the tools the Make targets run
+        shutil.copytree(ROOT / d, first / d, ignore=shutil.ignore_patterns("__pycache__"))
     subprocess.run([str(VENV / "bin/python"), "tools/demo_assets.py"], cwd=first, check=True, capture_output=True)
 
     # start the demo training and kill -9 the whole process group once a checkpoint exists
