@@ -29,6 +29,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as tools/x.py: config.py and qlora/ live at the root
 
+from config import EvalConfig
+
+# The command line first, before torch loads: --help and a bad flag answer in a tenth of a second
+from qlora.cli import parse_args, print_config, resolve, to_dict
+cfg = parse_args(EvalConfig, sys.argv[1:])
+
 from qlora.runtime import fmt_duration, phase, pick_device, pick_dtype  # noqa: E402
 from qlora.files import (  # noqa: E402
     check_base_model, FINAL_FILES, model_files, require_files, require_output_dirs, verify_checkpoint
@@ -40,18 +46,17 @@ from qlora.modeling import (  # noqa: E402
 )
 from qlora.checkpoint import AtomicFolder  # noqa: E402
 
-import json
-import math
-import time
-import types
+import json  # noqa: E402
+import math  # noqa: E402
+import time  # noqa: E402
+import types  # noqa: E402
 
-import torch
+import torch  # noqa: E402
 
-from config import HUMAN, TURN_SEP, EvalConfig
+from config import HUMAN, TURN_SEP  # noqa: E402
 
 
 # The prompts every model answers, greedy. One of each kind of behaviour the two stages
-from qlora.cli import parse_args, print_config, resolve, to_dict
 # should change: knowledge, following an instruction, using earlier turns, declining a
 # harmful request (hh-rlhf's "harmless" half), and Airoboros' agent / ReAct tool format.
 # A list of turns: [human] or [human, assistant, human, ...], formatted by format_prompt.
@@ -80,7 +85,6 @@ PROMPTS = {
 MODELS = {"base": [], "sft": ["sft"], "dpo": ["sft", "dpo"]}  # model name -> LoRA adapters active in its forward
 STOP_TEXT = TURN_SEP + HUMAN.rstrip("\n")  # "\n\n### Human:": the model starting the user's next turn (as tools/chat.py)
 
-cfg = parse_args(EvalConfig, sys.argv[1:])
 print_config(cfg)
 t_start = time.time()
 sft_dir, dpo_dir, out_dir = resolve(cfg.sft_dir), resolve(cfg.dpo_dir), resolve(cfg.output_dir)
