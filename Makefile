@@ -83,11 +83,13 @@ demo-assets: venv
 
 # A bad DPO_ARGS must not wait for SFT's hours; WORLD_SIZE is what accelerate launch will set, so an
 # indivisible grad_accum stops here with one line, never as N ranks' errors and a launcher traceback.
+# Each check hands its resolved JSON to the next: DPO and merge inherit SFT's base, 4-bit, dtype and
+# LoRA targets, so a DPO_ARGS that contradicts the SFT run about to start is caught here too.
 # Every stage's flags checked in a second, before any stage runs (each stage checks again).  make check-config NPROC=2
 check-config: venv
-	@WORLD_SIZE=$(NPROC) $(PY) -m qlora.cli sft --preset $(PRESET) $(SFT_ARGS) >/dev/null
-	@WORLD_SIZE=$(NPROC) $(PY) -m qlora.cli dpo --preset $(PRESET) $(DPO_ARGS) >/dev/null
-	@$(PY) -m qlora.cli merge --preset $(PRESET) $(MERGE_ARGS) >/dev/null
+	@sft=$$(WORLD_SIZE=$(NPROC) $(PY) -m qlora.cli sft --preset $(PRESET) $(SFT_ARGS)) && \
+	dpo=$$(QLORA_PLANNED_SFT="$$sft" WORLD_SIZE=$(NPROC) $(PY) -m qlora.cli dpo --preset $(PRESET) $(DPO_ARGS)) && \
+	QLORA_PLANNED_SFT="$$sft" QLORA_PLANNED_DPO="$$dpo" $(PY) -m qlora.cli merge --preset $(PRESET) $(MERGE_ARGS) >/dev/null
 	@$(PY) -m qlora.cli eval --preset $(PRESET) $(EVAL_ARGS) >/dev/null
 
 # Stage 1, QLoRA SFT on Airoboros; resumes from the newest checkpoint.  make sft SFT_ARGS="--max_steps 100"

@@ -18,7 +18,9 @@ from config import ASSISTANT, HUMAN, TURN_SEP, MergeConfig
 
 # The command line first, before torch loads: --help and a bad flag answer in a tenth of a second
 from qlora.cli import parse_args, print_config, resolve, to_dict
-cfg = parse_args(MergeConfig, sys.argv[1:])
+# inherit=True: the base to merge into is the one SFT trained on (from its saved config.json), and
+# the DPO run's must be the same; a different --model_dir or prompt format stops here
+cfg = parse_args(MergeConfig, sys.argv[1:], inherit=True)
 
 from qlora.runtime import memory_gib  # noqa: E402
 from qlora.files import (  # noqa: E402
