@@ -24,6 +24,8 @@ SFT_ARGS ?=
 DPO_ARGS ?=
 MERGE_ARGS ?=
 EVAL_ARGS ?=
+# extra tools/chat.py flags, e.g. --quantize_4bit true or --model_dir <another merged model>
+CHAT_ARGS ?=
 # GGUF files export-gguf writes (comma list of f16 q8_0 q5_1 q5_0 q4_1 q4_0)
 GGUF_TYPES ?= f16,q8_0
 # extra tools/export_gguf.py flags, e.g. --out_dir /big/disk --verify on
@@ -114,7 +116,7 @@ demo: demo-assets
 
 # Talk to the merged model (interactive; PROMPT=... for one answer).  make chat PRESET=demo
 chat: venv
-	$(PY) tools/chat.py --preset $(PRESET) $(if $(filter command line,$(origin PROMPT)),--prompt "$(PROMPT)",)
+	$(PY) tools/chat.py --preset $(PRESET) $(CHAT_ARGS) $(if $(filter command line,$(origin PROMPT)),--prompt "$(PROMPT)",)
 
 # Base vs +SFT vs +SFT+DPO on held-out data, generations, curves -> checkpoints/eval/report.md.  make eval PRESET=demo
 # (eval, chat and export-gguf never start training: on an untrained tree they stop at once with
