@@ -25,7 +25,9 @@ from config import DPOConfig
 
 # The command line first, before torch loads: --help and a bad flag answer in a tenth of a second
 from qlora.cli import STAGE_FLAGS, parse_args, print_config, resolve, show_count, to_dict
-cfg, opts = parse_args(DPOConfig, sys.argv[1:], flags=STAGE_FLAGS)
+# inherit=True: base model, 4-bit, dtype and LoRA targets come from the SFT run's saved config.json
+# unless given; a given value that differs (or a changed prompt format) stops here, in a second
+cfg, opts = parse_args(DPOConfig, sys.argv[1:], flags=STAGE_FLAGS, inherit=True)
 prepare_only = opts["prepare_only"]
 show = show_count(opts["show_examples"])  # None, N or "all": checked now, used after the data
 
