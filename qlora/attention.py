@@ -103,6 +103,10 @@ def varlen_attention(module, query, key, value, attention_mask, scaling=None, dr
     if cu is None:  # a forward without packed_kwargs: the same boundaries, found per layer
         cu, longest = segments(kwargs["position_ids"].expand(query.shape[0], -1))
     b, heads, t, dim = query.shape
+    if query.dtype == torch.float32 and torch.is_autocast_enabled(query.device.type):
+        # flash computes in bf16/fp16 only; under autocast SDPA would have cast too (fp32 rotary can promote q)
+        low = torch.get_autocast_dtype(query.device.type)
+        query, key, value = (x.to(low) for x in (query, key, value))
     q, k, v = (x.transpose(1, 2).reshape(b * t, x.shape[1], dim) for x in (query, key, value))  # [B*T, heads, dim]
     fn, params = _varlen()
     opts = {"window_size": (-1, 0)} if "window_size" in params else {"is_causal": True}

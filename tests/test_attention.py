@@ -205,6 +205,27 @@ def test_varlen_path_equals_sdpa_mask_path(demo_llama, kernel, monkeypatch):
         calls.clear()
 
 
+def test_varlen_computes_in_the_autocast_dtype(monkeypatch):
+    """Under bf16 autocast an fp32 query (rotary in fp32 promotes it) reaches the flash kernel,
+    which has no fp32, in bf16: as SDPA would have run under autocast."""
+    seen = []
+
+    def kernel(q, k, v, *args, **kwargs):
+        seen.append((q.dtype, k.dtype, v.dtype))
+        return varlen_2_13(q, k, v, *args, **kwargs)
+    monkeypatch.setattr(attention, "_varlen", lambda: (kernel, frozenset(inspect.signature(varlen_2_13).parameters)))
+    q, k, v = torch.randn(3, 1, 2, 10, 8).unbind(0)
+    pos = torch.tensor([[0, 1, 2, 3, 0, 1, 2, 0, 1, 2]])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, _ = attention.varlen_attention(None, q, k, v, None, position_ids=pos)
+    assert seen == [(torch.bfloat16,) * 3] and out.dtype == torch.bfloat16 and out.shape == (1, 10, 2, 8)
+    out, _ = attention.varlen_attention(None, q, k, v, None, position_ids=pos)  # no autocast: as given
+    assert seen[-1] == (torch.float32,) * 3
+    want = reference(q[0].transpose(0, 1), k[0].transpose(0, 1), v[0].transpose(0, 1),
+                     *(2 * [torch.tensor([0, 4, 7, 10], dtype=torch.int32)]), 4, 4, True, None)
+    assert torch.allclose(out[0], want, atol=1e-6)
+
+
 def test_flex_path_equals_sdpa_mask_path_forward(demo_llama):
     """Forward only: torch has no flex backward on CPU (its gradients: the GPU benchmark)."""
     from transformers import AttentionInterface
