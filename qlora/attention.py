@@ -6,9 +6,9 @@ one more 'example'; DPO: chosen and rejected of each pair), each with position i
 With SDPA, transformers turns the position-id restarts into a materialised block-diagonal
 [B, 1, T, T] bool mask (transformers 5.23 masking_utils.py:873-881 look for restarts with
 find_packed_sequence_indices :750-779, :1003-1008 make the mask function per sequence, and
-sdpa_mask :549-554 expands it). SDPA cannot use its flash kernel with a
-mask, so the memory-efficient kernel visits all T^2 query-key pairs: for a 1536+1536 DPO
-row that is 3072^2 = 9.4M, 4x the 2 x 1536^2 / 2 = 2.4M a causal per-example kernel needs.
+sdpa_mask :549-554 expands it). SDPA's flash kernel takes no mask, so the memory-efficient
+kernel visits all T^2 query-key pairs: for a 1536 + 1536 DPO row that is 3072^2 = 9.4M, 4x
+the 2 x 1536^2 / 2 = 2.4M that causal attention within each example needs.
 
 The `attention` setting (SFTConfig / DPOConfig) picks the kernel:
   sdpa    the mask above: what the CPU demo and the tests run, exact in fp32

@@ -7,8 +7,8 @@ torch's varlen kernel is flash attention, CUDA only: here it is replaced by a re
 computes the documented semantics (one SDPA per example) with each torch release's call
 signature, so everything around the kernel (layout, boundaries, GQA, causal flag, scale,
 the plumbing through transformers and checkpointing) is checked on CPU; the kernel itself
-is compared with the mask path by `bench.py` on a GPU. Flex attention runs on CPU forward
-only (torch refuses its backward there), so its gradients are a GPU check too.
+against the mask path is a GPU check (the benchmark's attention comparison). Flex attention
+runs on CPU forward only (torch refuses its backward there): its gradients are a GPU check too.
 
     .venv/bin/python -m pytest -q tests/test_attention.py
 """
