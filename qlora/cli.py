@@ -32,6 +32,7 @@ _CHOICES = {
     "dtype": ("auto", "bfloat16", "float16", "float32"),
     "optimizer": ("paged_adamw_8bit", "adamw_8bit", "adamw"),
     "split": ("train", "test"),
+    "attention": ("auto", "sdpa", "varlen", "flex"),  # qlora/attention.py
 }
 _LORA_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 _LISTS = {"lora_targets": _LORA_NAMES, "subsets": HH_SUBSETS, "adapters": None}  # comma lists (None: any folder)

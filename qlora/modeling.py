@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from qlora.attention import choose_attention, packed_kwargs
 from qlora.cli import resolve
 from qlora.data import IGNORE, NEW_TURN, format_prompt
 from qlora.files import ADAPTER_FILES, BadFile, cannot_resume, safetensors_header, shown, verify_checkpoint
@@ -100,9 +101,11 @@ def load_base_model(model_dir, cfg, device):
         # double quantization of the block scales: 13B -> ~7.2 GB instead of 26 GB in fp16.
         quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                                    bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype)
+    # packed rows: sdpa with a block-diagonal mask, or a varlen kernel per example (qlora/attention.py)
+    attn = choose_attention(getattr(cfg, "attention", "sdpa"), device, dtype)
     model = AutoModelForCausalLM.from_pretrained(
         resolve(model_dir), dtype=dtype, quantization_config=quant, device_map={"": str(device)},
-        attn_implementation="sdpa")
+        attn_implementation=attn)
     model.config.use_cache = False  # a KV cache is useless in training, and its presence disables packed masks
     if quant and device.type == "cpu":
         # bitsandbytes repacks 4-bit weights for a faster CPU kernel the first time a layer
@@ -191,7 +194,8 @@ def token_logps(model, ids, pos, labels, chunk):
     gradient, reduced to chunk/2048 of it (1024: half). chunk 0 = one chunk (no saving).
     Same numbers as the plain loss (tested: loss to 1e-7, gradients identical)."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft wrapper -> HF model
-    hidden = base.model(input_ids=ids, position_ids=pos, use_cache=False).last_hidden_state[:, :-1]
+    hidden = base.model(input_ids=ids, position_ids=pos, use_cache=False,
+                        **packed_kwargs(base.config, pos)).last_hidden_state[:, :-1]  # where examples start
     targets = labels[:, 1:]  # token t is predicted from position t-1
     weight, step = base.lm_head.weight, chunk if chunk > 0 else targets.shape[1]
     parts = []
