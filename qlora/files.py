@@ -42,7 +42,7 @@ def require_files(paths, fix):
 
 def require_output_dirs(cfg, *names, whole=False):
     """Each cfg.<name> is a folder this process can write in, or can be created: checked now, not at
-    the first save hours later. whole=True: the folder is replaced whole (common.AtomicFolder writes
+    the first save hours later. whole=True: the folder is replaced whole (qlora/checkpoint.py AtomicFolder writes
     <folder>.tmp beside it and renames), so its parent is where the writing happens."""
     from qlora.runtime import disk_full, write_error
     for name in names:
