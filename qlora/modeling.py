@@ -210,19 +210,6 @@ def sequence_logps(token_lp, seq_ids, n_seqs):
     return torch.zeros(n_seqs, device=token_lp.device).index_add(0, seq_ids[0, 1:], token_lp[0])
 
 
-def dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta):
-    """Direct Preference Optimization (Rafailov et al. 2023, eq. 7), per pair:
-
-        loss = -log sigmoid( beta * [(log pi(y_w|x) - log ref(y_w|x)) - (log pi(y_l|x) - log ref(y_l|x))] )
-
-    Inputs are summed reply log-probs [pairs]. Returns (loss [pairs], chosen reward,
-    rejected reward), rewards = beta * (log pi - log ref), the implicit reward DPO learns."""
-    chosen_reward = beta * (policy_chosen - ref_chosen)
-    rejected_reward = beta * (policy_rejected - ref_rejected)
-    loss = -torch.nn.functional.logsigmoid(chosen_reward - rejected_reward)
-    return loss, chosen_reward.detach(), rejected_reward.detach()
-
-
 # -----------------------------------------------------------------------------
 # Optimizer and LR: the LR is a pure function of the step (nanoGPT style), so resuming
 # needs no scheduler state at all.
