@@ -75,7 +75,7 @@ if not prepare_only:
     check_adapter(resolve(cfg.sft_dir), base, "dpo starts from the SFT adapter", "sft")
 ckpt = find_resume(out_dir, cfg)  # before any heavy work: a mismatch costs a second
 out_dir.mkdir(parents=True, exist_ok=True)
-save_json(out_dir / "config.json", to_dict(cfg))  # the settings beside the outputs: tools/eval.py finds the data by them
+save_json(out_dir / "config.json", to_dict(cfg))  # beside the outputs: tools/eval.py finds the run's data by it
 
 # -----------------------------------------------------------------------------
 # Data: final-turn preference pairs, filtered and truncated identically on both sides.
@@ -287,7 +287,7 @@ def dpo_loss(batch):
     ids, labels, pos, seq = (t.to(device) for t in pack_pairs(batch))
     n_seqs = 2 * len(batch)
     # Reference pass: the SFT model, i.e. the same weights with the DPO adapter switched off,
-    # under no_grad (no activations kept for backward). The 2023 recipe used the policy itself
+    # under no_grad (no activations kept for backward), as torchtune's LoRA DPO. The 2023 recipe used the policy itself
     # as its reference, so log pi - log ref was 0 by construction and its rewards stayed at 0.
     with torch.no_grad():
         set_active_adapters(model, ["sft"])
@@ -316,9 +316,9 @@ def evaluate():
         return {}  # --eval_pairs 0: nothing to log (never a fake 0.0000 from zero pairs)
     model.eval()
     sums = {"eval_loss": 0.0, "eval_acc": 0.0, "eval_margin": 0.0}
-    batch = cfg.micro_batch_size
-    for start in range(batch * ddp.rank, len(eval_pairs), batch * ddp.world):  # this process's share
-        loss, chosen_reward, rejected_reward = dpo_loss(eval_pairs[start:start + batch])
+    per_batch = cfg.micro_batch_size
+    for start in range(per_batch * ddp.rank, len(eval_pairs), per_batch * ddp.world):  # this process's share
+        loss, chosen_reward, rejected_reward = dpo_loss(eval_pairs[start:start + per_batch])
         sums["eval_loss"] += loss.sum().item()
         sums["eval_acc"] += (chosen_reward > rejected_reward).float().sum().item()
         sums["eval_margin"] += (chosen_reward - rejected_reward).sum().item()
