@@ -173,7 +173,8 @@ def run_ours(kind, model_dir):
                 ref = qlora.modeling.sequence_logps(qlora.modeling.token_logps(model, ids, pos, labels, cfg.logits_chunk), seq, 2)
                 qlora.modeling.set_active_adapters(model, ["sft", "dpo"])
             pol = qlora.modeling.sequence_logps(qlora.modeling.token_logps(model, ids, pos, labels, cfg.logits_chunk), seq, 2)
-            loss = qlora.modeling.dpo_loss(pol[0::2], pol[1::2], ref[0::2], ref[1::2], 0.1)[0].sum()
+            # dpo.py's loss, beta 0.1: -log sigmoid(beta * ((pi_c - ref_c) - (pi_r - ref_r)))
+            loss = -torch.nn.functional.logsigmoid(0.1 * ((pol[0::2] - ref[0::2]) - (pol[1::2] - ref[1::2]))).sum()
         else:
             loss = -qlora.modeling.token_logps(model, ids, pos, labels, cfg.logits_chunk).sum() / (labels != qlora.data.IGNORE).sum()
         loss.backward()

@@ -215,26 +215,6 @@ def sequence_logps(token_lp, seq_ids, n_seqs):
     return torch.zeros(n_seqs, device=token_lp.device).index_add(0, seq_ids[0, 1:], token_lp[0])
 
 
-def dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta):
-    """Direct Preference Optimization (Rafailov et al. 2023, eq. 7), per pair:
-
-        loss = -log sigmoid( beta * [(log pi(y_w|x) - log ref(y_w|x)) - (log pi(y_l|x) - log ref(y_l|x))] )
-
-    Inputs are summed reply log-probs [pairs]. Returns (loss [pairs], chosen reward,
-    rejected reward), rewards = beta * (log pi - log ref), the implicit reward DPO learns."""
-    chosen_reward = beta * (policy_chosen - ref_chosen)
-    rejected_reward = beta * (policy_rejected - ref_rejected)
-    loss = -torch.nn.functional.logsigmoid(chosen_reward - rejected_reward)
-    return loss, chosen_reward.detach(), rejected_reward.detach()
-
-# -----------------------------------------------------------------------------
-# Generation, one function for tools/chat.py (sampled, streamed) and tools/eval.py (greedy).
-# transformers' own generate() does the work: KV cache, temperature / top-p sampling, EOS and
-# the stop string. Ours are the prompt ids (training's, below) and the streamer: transformers'
-# TextStreamer would print the "\n\n### Human:" the model starts, because the stop string
-# ends generation only after the token completing it was streamed.
-
-
 def _visible(text, final):
     """The reply as far as it may be shown: cut at NEW_TURN; while still growing (not final),
     also hold back a tail that may be NEW_TURN's beginning ("\n\n##") or a half-decoded UTF-8

@@ -42,7 +42,7 @@ from qlora.files import (  # noqa: E402
 from qlora.data import format_prompt, IGNORE, Tokenizer  # noqa: E402
 from qlora.packing import pack_pairs, pairs_from_cache, stage_data  # noqa: E402
 from qlora.modeling import (  # noqa: E402
-    dpo_loss, generate, load_base_model, lora_shape_problems, sequence_logps, set_active_adapters, token_logps
+    generate, load_base_model, lora_shape_problems, sequence_logps, set_active_adapters, token_logps
 )
 from qlora.checkpoint import AtomicFolder  # noqa: E402
 
@@ -240,7 +240,9 @@ if len(pairs):
     sums = {"dpo_loss": 0.0, "dpo_reward_acc": 0.0, "dpo_margin": 0.0}
     for i in range(0, len(pairs), dpo_cfg.micro_batch_size):
         pol, ref = logps["dpo"][i:i + dpo_cfg.micro_batch_size], logps["sft"][i:i + dpo_cfg.micro_batch_size]
-        loss, rc, rr = dpo_loss(pol[:, 0], pol[:, 1], ref[:, 0], ref[:, 1], dpo_cfg.beta)
+        # dpo.py's DPO loss, written out: reward = beta * (log pi - log ref), loss = -log sigmoid(r_c - r_r)
+        rc, rr = dpo_cfg.beta * (pol[:, 0] - ref[:, 0]), dpo_cfg.beta * (pol[:, 1] - ref[:, 1])
+        loss = -torch.nn.functional.logsigmoid(rc - rr)
         sums["dpo_loss"] += loss.sum().item()
         sums["dpo_reward_acc"] += (rc > rr).float().sum().item()
         sums["dpo_margin"] += (rc - rr).sum().item()
